@@ -1,0 +1,70 @@
+"""Command line: ``python -m adaexit info`` (environment report) and ``python -m adaexit demo``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def info() -> str:
+    """Versions, the kernel backend chosen per device, and whether Triton's interpreter is on."""
+    import numpy
+    import torch
+
+    from . import __version__
+    from .kernels import _dispatch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [
+        f"adaexit      {__version__}",
+        f"python       {platform.python_version()} ({platform.machine()})",
+        f"torch        {torch.__version__}",
+        f"triton       {triton_version}",
+        f"numpy        {numpy.__version__}",
+        f"cpu threads  {torch.get_num_threads()}",
+        f"interpreter  {'on' if _dispatch.interpreter_enabled() else 'off'} (TRITON_INTERPRET)",
+        f"requested    ADAEXIT_BACKEND={_dispatch.requested_backend()}",
+    ]
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for device in devices:
+        name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+        try:
+            backend = _dispatch.backend_for(device)
+        except RuntimeError as err:
+            backend = f"unavailable ({err})"
+        lines.append(f"backend      {device:<7} -> {backend:<6} [{name}]")
+    if not torch.cuda.is_available():
+        lines.append("gpu          none visible: CPU tensors use the torch references")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaexit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="print versions and the kernel backend per device")
+    demo_parser = commands.add_parser(
+        "demo", help="train, calibrate and measure adaptive models on Fashion-MNIST"
+    )
+    try:
+        from .demo import add_arguments
+    except ImportError:  # the demo module is optional until its dependencies are present
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(demo_parser)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+        return 0
+    from .demo import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

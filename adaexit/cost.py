@@ -1,0 +1,73 @@
+"""Cost models: FLOPs per example (``torch.utils.flop_counter``) and measured latency per stage."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@torch.no_grad()
+def count_flops(fn: Callable, *args) -> int:
+    """FLOPs (2 x multiply-adds of matmuls and convolutions) of ``fn(*args)``."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def chain_flops(stages: Sequence[nn.Module], heads: Sequence[nn.Module], example: torch.Tensor):
+    """Per-example FLOPs of each stage and each head of a chain, measured on ``example[:1]``.
+
+    Returns ``(stage_flops, head_flops)``, two lists of floats.
+    """
+    h = example[:1]
+    stage_flops, head_flops = [], []
+    for stage, head in zip(stages, heads):
+        stage_flops.append(float(count_flops(stage, h)))
+        h = stage(h)
+        head_flops.append(float(count_flops(head, h)))
+    return stage_flops, head_flops
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall-clock milliseconds of ``fn(*args)`` (CUDA-synchronised on GPU tensors)."""
+    device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
+    for _ in range(warmup):
+        fn(*args)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@torch.no_grad()
+def chain_latency(
+    stages: Sequence[nn.Module], heads: Sequence[nn.Module], batch: torch.Tensor, repeats: int = 10
+):
+    """Measured per-example milliseconds of each stage and each head at ``batch``'s batch size.
+
+    Returns ``(stage_ms, head_ms)``: median time of the call divided by the batch size.
+    """
+    n = max(1, batch.shape[0])
+    h = batch
+    stage_ms, head_ms = [], []
+    for stage, head in zip(stages, heads):
+        stage_ms.append(time_call(stage, h, repeats=repeats) / n)
+        h = stage(h)
+        head_ms.append(time_call(head, h, repeats=repeats) / n)
+    return stage_ms, head_ms

@@ -1,0 +1,163 @@
+"""``EarlyExitNet``: a backbone split into stages, an exit head after each, and a policy.
+
+In ``train()`` mode ``forward`` is dense and returns every exit's logits (for multi-exit training).
+In ``eval()`` mode it runs sparse execution: stage ``k`` runs only on the rows still alive at ``k``,
+and one ``[N, classes]`` tensor comes back in the original row order, like the model it replaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cost import chain_flops, chain_latency
+from .executor import CARRY, ExecutionTrace, Node, execute
+from .policies import NeverExitPolicy, Policy
+
+
+@dataclass
+class ExitInfo:
+    """What an eval-mode forward did, from ``forward(x, return_info=True)``.
+
+    Attributes:
+        exit_index: long ``[N]``: the exit whose prediction each row returned.
+        exit_counts: rows that exited at each exit.
+        rows_run: rows that ran each stage (or node).
+        flops: FLOPs spent on the batch (stages run + heads evaluated).
+        full_flops: FLOPs the plain model (every stage + the last head) spends on the same batch.
+    """
+
+    exit_index: torch.Tensor
+    exit_counts: list[int]
+    rows_run: list[int]
+    flops: float
+    full_flops: float
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.exit_index.shape[0])
+
+    @property
+    def flops_per_example(self) -> float:
+        return self.flops / max(1, self.batch_size)
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Plain-model FLOPs over the FLOPs spent: the speedup if time were proportional to FLOPs."""
+        return self.full_flops / self.flops if self.flops else float("nan")
+
+
+def trace_flops(trace: ExecutionTrace, node_flops, head_flops) -> float:
+    """FLOPs a sparse execution spent, from per-example node and head FLOPs."""
+    return float(
+        sum(r * f for r, f in zip(trace.rows_run, node_flops))
+        + sum(r * f for r, f in zip(trace.rows_decided, head_flops))
+    )
+
+
+class EarlyExitNet(nn.Module):
+    """A chain of ``stages`` with an exit head after each; the last head's prediction is final.
+
+    Args:
+        stages: modules run in order; stage ``k`` reads stage ``k-1``'s output.
+        heads: one per stage; head ``k`` reads stage ``k``'s output (see :class:`adaexit.ExitHead`).
+        policy: decides who exits where (default: never exit early, i.e. the plain model).
+    """
+
+    def __init__(self, stages, heads, policy: Policy | None = None):
+        super().__init__()
+        stages, heads = list(stages), list(heads)
+        if not stages:
+            raise ValueError("EarlyExitNet needs at least one stage")
+        if len(heads) != len(stages):
+            raise ValueError(
+                f"EarlyExitNet needs one head per stage: got {len(stages)} stages and {len(heads)} heads"
+            )
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads)
+        self.policy = (policy or NeverExitPolicy()).bind(len(stages))
+        self._flops_cache: dict = {}
+        # A stage/head pair as a graph node; the chain is linear, so successors are k + 1.
+        self._nodes = [
+            Node(f"stage {k}", stage, head, (k + 1,) if k + 1 < len(stages) else (), CARRY)
+            for k, (stage, head) in enumerate(zip(self.stages, self.heads))
+        ]
+        self._nodes[0].takes = "source"
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def set_policy(self, policy: Policy) -> "EarlyExitNet":
+        """Replace the policy (checked against this model's number of exits)."""
+        self.policy = policy.bind(self.num_exits)
+        return self
+
+    # -- dense paths --------------------------------------------------------------------------
+    def _head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.heads[k](h)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"exit head {k} does not fit the output of stage {k} (shape {tuple(h.shape)}): {err}"
+            ) from err
+
+    def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every exit's logits for every row (dense; what ``train()`` mode returns)."""
+        outputs, h = [], x
+        for k, stage in enumerate(self.stages):
+            h = stage(h)
+            outputs.append(self._head(k, h))
+        return outputs
+
+    # -- sparse path --------------------------------------------------------------------------
+    def _route(self, k: int, node: Node, h: torch.Tensor, state: dict):
+        if not self.policy.needs_head(k):
+            return None, None, state
+        try:
+            logits, exit_mask, state = self.policy.decide(k, node.head, h, state)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"exit head {k} does not fit the output of stage {k} (shape {tuple(h.shape)}): {err}"
+            ) from err
+        return logits, (~exit_mask).long(), state
+
+    def flops(self, x: torch.Tensor) -> tuple[list[float], list[float]]:
+        """Per-example FLOPs of each stage and each head for inputs shaped like ``x`` (cached)."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = chain_flops(self.stages, self.heads, x)
+        return self._flops_cache[key]
+
+    def exit_costs(self, x: torch.Tensor, cost: str = "flops") -> tuple[list[float], list[float]]:
+        """Per-example cost of each stage and each head: ``"flops"``, or ``"latency"`` (ms measured
+        at ``x``'s batch size). The protocol :func:`adaexit.calibrate` uses on every model."""
+        if cost == "flops":
+            return self.flops(x)
+        if cost == "latency":
+            return chain_latency(self.stages, self.heads, x)
+        raise ValueError(f"cost must be 'flops' or 'latency', got {cost!r}")
+
+    def forward(self, x: torch.Tensor, return_info: bool = False):
+        if self.training:
+            if return_info:
+                raise ValueError("return_info=True is only available in eval() mode")
+            return self.exit_logits(x)
+        state = self.policy.init_state(x.shape[0], x.device)
+        logits, trace = execute(self._nodes, x, self._route, state)
+        if not return_info:
+            return logits
+        if x.shape[0]:
+            stage_flops, head_flops = self.flops(x)
+        else:
+            stage_flops = head_flops = [0.0] * self.num_exits
+        info = ExitInfo(
+            exit_index=trace.exit_index,
+            exit_counts=trace.exit_counts,
+            rows_run=trace.rows_run,
+            flops=trace_flops(trace, stage_flops, head_flops),
+            full_flops=float(x.shape[0] * (sum(stage_flops) + head_flops[-1])),
+        )
+        return logits, info

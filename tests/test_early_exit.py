@@ -1,0 +1,266 @@
+"""EarlyExitNet and the executor: nothing lost, per-example equivalence, policies, errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy, PatiencePolicy
+from adaexit.kernels import _dispatch, exit_gate_torch
+
+CLASSES = 5
+
+
+def mlp_net(policy=None, seed=0):
+    torch.manual_seed(seed)
+    widths = [12, 16, 16, 16]
+    stages = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:])]
+    heads = [ExitHead(w, CLASSES) for w in widths[1:]]
+    return EarlyExitNet(stages, heads, policy).eval()
+
+
+def cnn_net(policy=None, seed=0):
+    torch.manual_seed(seed)
+    stages = [
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()),
+    ]
+    heads = [ExitHead(4, CLASSES), ExitHead.conv(8, CLASSES, width=8), ExitHead(8, CLASSES)]
+    return EarlyExitNet(stages, heads, policy).eval()
+
+
+def inputs(kind, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 12) if kind == "mlp" else (n, 1, 8, 8)
+    return torch.randn(shape, generator=g) * 3
+
+
+BUILDERS = {"mlp": mlp_net, "cnn": cnn_net}
+
+
+def dense_scores(model, x, criterion):
+    """Confidence of every exit for every row, from the dense path and the torch reference."""
+    with torch.no_grad():
+        logits = model.exit_logits(x)
+    return torch.stack([exit_gate_torch(z, None, criterion=criterion)[1] for z in logits]), logits
+
+
+def expected_exits(scores, thresholds):
+    """The first exit whose score clears its threshold (the last exit always fires)."""
+    k_last = scores.shape[0] - 1
+    exits = torch.full((scores.shape[1],), k_last, dtype=torch.long)
+    for k in reversed(range(k_last)):
+        exits = torch.where(scores[k] >= thresholds[k], torch.full_like(exits, k), exits)
+    return exits
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    criterion=st.sampled_from(["maxprob", "margin", "entropy"]),
+    quantiles=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2),
+    seed=st.integers(0, 10_000),
+)
+def test_nothing_lost_and_each_row_equals_running_it_alone(kind, n, criterion, quantiles, seed):
+    model = BUILDERS[kind]()
+    x = inputs(kind, n, seed)
+    scores, dense = dense_scores(model, x, criterion)
+    # Thresholds at score quantiles so that some rows exit everywhere; skip draws that sit on a tie.
+    thresholds = [float(torch.quantile(scores[k], q)) + 1e-4 for k, q in enumerate(quantiles)]
+    assume(all((scores[k] - t).abs().min() > 1e-5 for k, t in enumerate(thresholds)))
+    model.set_policy(ConfidencePolicy(criterion, thresholds))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+    with torch.no_grad():
+        out, info = model(x[perm], return_info=True)
+    want = expected_exits(scores, thresholds)[perm]
+    assert out.shape == (n, CLASSES)
+    assert torch.equal(info.exit_index, want)  # exactly one exit per row, the right one
+    assert sum(info.exit_counts) == n
+    assert info.exit_counts == torch.bincount(want, minlength=3).tolist()
+    expect_logits = torch.stack(dense)[want, perm]
+    torch.testing.assert_close(out, expect_logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and each row alone through the same policy
+        for i in range(min(n, 4)):
+            alone, alone_info = model(x[perm][i : i + 1], return_info=True)
+            assert alone_info.exit_index.item() == want[i].item()
+            torch.testing.assert_close(alone[0], out[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_never_exit_policy_is_the_plain_model(kind):
+    model = BUILDERS[kind](NeverExitPolicy())
+    x = inputs(kind, 33)
+    with torch.no_grad():
+        out, info = model(x, return_info=True)
+        plain = model.heads[-1](nn.Sequential(*model.stages)(x))
+    torch.testing.assert_close(out, plain)
+    assert info.exit_counts == [0, 0, 33]
+    assert info.rows_run == [33, 33, 33]
+    assert info.ideal_speedup == pytest.approx(1.0)
+
+
+def test_thresholds_above_one_skip_the_heads_entirely():
+    model = mlp_net(ConfidencePolicy("maxprob", [1.5, 2.0]))
+    calls = []
+    for head in model.heads:
+        head.register_forward_pre_hook(lambda *a: calls.append(1))
+    model.heads[0].classifier.register_forward_pre_hook(lambda *a: calls.append("linear"))
+    before = _dispatch.host_sync_count()
+    with torch.no_grad():
+        model(inputs("mlp", 8))
+    assert _dispatch.host_sync_count() == before  # no decision point, no host sync
+    assert "linear" not in calls
+
+
+def test_all_rows_exit_at_the_first_head():
+    model = cnn_net(ConfidencePolicy("maxprob", [0.0, 0.0]))
+    x = inputs("cnn", 17)
+    with torch.no_grad():
+        out, info = model(x, return_info=True)
+        first = model.heads[0](model.stages[0](x))
+    assert info.exit_counts == [17, 0, 0]
+    assert info.rows_run == [17, 0, 0]
+    torch.testing.assert_close(out, first)
+    stage_flops, head_flops = model.flops(x)
+    assert info.flops == pytest.approx(17 * (stage_flops[0] + head_flops[0]))
+    assert info.ideal_speedup > 1
+
+
+def test_flops_count_only_the_work_that_ran():
+    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    x = inputs("mlp", 50)
+    with torch.no_grad():
+        _, info = model(x, return_info=True)
+    stage_flops, head_flops = model.flops(x)
+    assert stage_flops[0] == 2 * 12 * 16  # a Linear(12, 16) per example
+    expected = sum(r * (s + h) for r, s, h in zip(info.rows_run, stage_flops, head_flops))
+    assert info.flops == pytest.approx(expected)
+    assert info.full_flops == pytest.approx(50 * (sum(stage_flops) + head_flops[-1]))
+
+
+def test_one_host_sync_per_decision_point():
+    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    x = inputs("mlp", 64)
+    before = _dispatch.host_sync_count()
+    with torch.no_grad():
+        _, info = model(x, return_info=True)
+    decisions = sum(1 for k in range(2) if info.rows_run[k] > 0)  # the last exit needs none
+    assert _dispatch.host_sync_count() - before == decisions
+
+
+def test_empty_batch_gives_empty_output():
+    model = cnn_net(ConfidencePolicy("entropy", [0.5, 0.5]))
+    with torch.no_grad():
+        out, info = model(torch.empty(0, 1, 8, 8), return_info=True)
+    assert out.shape == (0, CLASSES)
+    assert info.exit_index.shape == (0,)
+    assert info.flops == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_rows_never_exit_early(bad):
+    model = mlp_net(ConfidencePolicy("maxprob", [0.0, 0.0]))  # every finite row exits at once
+    x = inputs("mlp", 6)
+    x[2] = bad
+    with torch.no_grad():
+        out, info = model(x, return_info=True)
+    assert info.exit_index.tolist() == [0, 0, 2, 0, 0, 0]
+    assert torch.isfinite(out[[0, 1, 3, 4, 5]]).all()
+
+
+def test_deterministic():
+    model = cnn_net(ConfidencePolicy("margin", [0.05, 0.05]))
+    x = inputs("cnn", 40)
+    with torch.no_grad():
+        a, ia = model(x, return_info=True)
+        b, ib = model(x, return_info=True)
+    assert torch.equal(a, b) and torch.equal(ia.exit_index, ib.exit_index)
+
+
+def test_train_mode_returns_every_exit():
+    model = mlp_net(ConfidencePolicy("maxprob", [0.0, 0.0])).train()
+    outs = model(inputs("mlp", 9))
+    assert isinstance(outs, list) and len(outs) == 3
+    assert all(o.shape == (9, CLASSES) for o in outs)
+    with pytest.raises(ValueError, match="eval"):
+        model(inputs("mlp", 9), return_info=True)
+
+
+def patience_reference(dense_logits, patience):
+    """Row by row: exit once `patience` consecutive exits agree on the argmax."""
+    preds = torch.stack([z.argmax(1) for z in dense_logits])  # [K, N]
+    exits = []
+    for col in preds.T.tolist():
+        streak, prev, chosen = 0, None, len(col) - 1
+        for k, p in enumerate(col):
+            streak = streak + 1 if p == prev else 1
+            prev = p
+            if streak >= patience:
+                chosen = k
+                break
+        exits.append(chosen)
+    return torch.tensor(exits)
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_patience_policy_matches_its_definition(patience):
+    model = mlp_net(PatiencePolicy(patience))
+    x = inputs("mlp", 200)
+    with torch.no_grad():
+        dense = model.exit_logits(x)
+        out, info = model(x, return_info=True)
+    want = patience_reference(dense, patience)
+    assert torch.equal(info.exit_index, want)
+    torch.testing.assert_close(out, torch.stack(dense)[want, torch.arange(200)])
+    if patience == 2:
+        assert 0 < info.exit_counts[1] < 200  # the counter really travels with the survivors
+
+
+def test_wrong_threshold_count_names_the_problem():
+    with pytest.raises(ValueError, match="2 thresholds.*3 exits|3 exits"):
+        mlp_net(ConfidencePolicy("maxprob", [0.5]))
+    with pytest.raises(ValueError, match="criterion"):
+        ConfidencePolicy("confidence", [0.5, 0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        ConfidencePolicy("maxprob", [math.nan, 0.5])
+
+
+def test_head_stage_mismatch_names_the_stage():
+    stages = [nn.Linear(12, 16), nn.Linear(16, 8)]
+    heads = [ExitHead(15, CLASSES), ExitHead(8, CLASSES)]  # head 0 expects 15, stage 0 gives 16
+    model = EarlyExitNet(stages, heads, ConfidencePolicy("maxprob", [0.5])).eval()
+    with pytest.raises(ValueError, match="exit head 0.*stage 0"):
+        model(torch.randn(3, 12))
+    with pytest.raises(ValueError, match="exit head 0.*stage 0"):
+        model.train()(torch.randn(3, 12))
+
+
+def test_head_count_must_match_stage_count():
+    with pytest.raises(ValueError, match="one head per stage"):
+        EarlyExitNet([nn.Linear(4, 4)] * 2, [ExitHead(4, 3)])
+
+
+def test_heads_disagreeing_on_classes_is_an_error():
+    stages = [nn.Linear(12, 16), nn.Linear(16, 8)]
+    heads = [ExitHead(16, 3), ExitHead(8, 4)]
+    model = EarlyExitNet(stages, heads, ConfidencePolicy("maxprob", [0.4])).eval()
+    with pytest.raises(ValueError, match="classes"):
+        model(torch.randn(50, 12) * 5)
+
+
+def test_policy_lives_in_state_dict():
+    model = mlp_net(ConfidencePolicy("entropy", [0.2, 0.4]))
+    fresh = mlp_net(ConfidencePolicy("maxprob", [0.9, 0.9]), seed=1)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.policy.criterion == "entropy" and fresh.policy.thresholds == [0.2, 0.4]
+    x = inputs("mlp", 30)
+    with torch.no_grad():
+        a, ia = model(x, return_info=True)
+        b, ib = fresh(x, return_info=True)
+    assert torch.equal(a, b) and torch.equal(ia.exit_index, ib.exit_index)
