@@ -27,11 +27,11 @@ def report() -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'kernel launch':<44} {'arch':>5} {'regs':>5} {'spills':>7} {'shared B':>9} {'warps':>5}"
+    header = f"{'kernel launch':<50} {'arch':>5} {'regs':>5} {'spills':>7} {'shared B':>9} {'warps':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['label']:<44} {'sm_' + str(r['arch']):>5} {r['registers']:>5} {r['spills']:>7} "
+            f"{r['label']:<50} {'sm_' + str(r['arch']):>5} {r['registers']:>5} {r['spills']:>7} "
             f"{r['shared']:>9} {r['num_warps']:>5}"
         )
     return "\n".join(lines)
