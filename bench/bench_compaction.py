@@ -1,0 +1,183 @@
+"""Compaction micro-benchmarks: adaexit ``compact`` / ``gather_rows`` / ``scatter_rows`` / ``partition``
+against the usual PyTorch idioms (``torch.nonzero`` + ``index_select``, boolean masking, stable sort).
+
+Run: ``pytest bench/bench_compaction.py --benchmark-only -q`` (functions are named ``test_*`` so that pytest
+collects them with the default ``python_functions``). The adaexit ops dispatch as in production:
+the torch reference on CPU, the Triton kernels on CUDA (``ADAEXIT_BENCH_DEVICE=cuda`` or a visible GPU).
+
+Workload: N in {256, 4096} rows of D = 512 fp32 features, about half of them kept.
+Bytes-moved model (stated, used for GB/s): read the kept rows + write the kept rows + index bytes
+(``2 * k * D * 4 + 8 * k``); ``partition`` moves ``N * sizeof(route) + 8 * N``.
+Set ``ADAEXIT_BENCH_THREADS=1`` on a busy CPU machine (OpenMP workers waiting for a core dominate otherwise).
+``extra_info`` holds: device name, bytes moved, GB/s at the median, and the speedup over the baseline of the
+group (``nonzero`` + ``index_select`` for compact, ``index_select`` for gather, ``out[index] = src`` for scatter,
+a stable sort for partition), timed interleaved in the same test on the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from adaexit.kernels import compact, gather_rows, partition, scatter_rows
+from bench import describe_machine, interleaved_times, machine, median
+
+D = 512
+SIZES = [256, 4096]
+DEVICE = os.environ.get("ADAEXIT_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+if os.environ.get("ADAEXIT_BENCH_THREADS"):  # e.g. 1 on a shared machine: idle OpenMP threads cost ms
+    torch.set_num_threads(int(os.environ["ADAEXIT_BENCH_THREADS"]))
+
+
+def device_name() -> str:
+    return describe_machine(machine(DEVICE))
+
+
+def synced(fn):
+    """Make a timed call include the device work (CUDA launches are asynchronous)."""
+    if not DEVICE.startswith("cuda"):
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def record(benchmark, bytes_moved: int, fn=None, baseline=None) -> None:
+    """extra_info: device, bytes moved, GB/s at pytest-benchmark's median and, when a baseline is given,
+    the speedup over it from interleaved timing (fn, baseline, fn, baseline, ...: fair on a noisy machine)."""
+    med = benchmark.stats.stats.median
+    benchmark.extra_info.update(device=device_name(), bytes_moved=bytes_moved, gbps=bytes_moved / med / 1e9, median_ms=med * 1e3)
+    if baseline is not None:
+        times = interleaved_times({"adaexit": fn, "baseline": baseline}, repeats=20, warmup=3, device=DEVICE)
+        benchmark.extra_info["speedup_vs_baseline"] = median(times["baseline"]) / median(times["adaexit"])
+
+
+def workload(n: int):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, D, generator=g).to(DEVICE)
+    keep = (torch.rand(n, generator=g) < 0.5).to(DEVICE)
+    kept_index = torch.nonzero(keep).flatten()
+    return x, keep, kept_index
+
+
+def compact_bytes(k: int) -> int:
+    return 2 * k * D * 4 + 8 * k
+
+
+# ---------------------------------------------------------------- baselines (what public code does)
+def baseline_nonzero_index_select(keep, x):
+    idx = torch.nonzero(keep).flatten()
+    return idx, x.index_select(0, idx)
+
+
+def baseline_boolean_mask(keep, x):
+    return x[keep]
+
+
+# ---------------------------------------------------------------- compact
+@pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_compact_adaexit(benchmark, n):
+    x, keep, kept_index = workload(n)
+    fn = synced(lambda: compact(keep, x))
+    benchmark(fn)
+    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(lambda: baseline_nonzero_index_select(keep, x)))
+
+
+@pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_compact_adaexit_static_capacity(benchmark, n):
+    x, keep, kept_index = workload(n)
+    fn = synced(lambda: compact(keep, x, capacity=n // 2))
+    benchmark(fn)
+    record(benchmark, compact_bytes(n // 2), fn, synced(lambda: baseline_nonzero_index_select(keep, x)))
+
+
+@pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_compact_baseline_nonzero_index_select(benchmark, n):
+    x, keep, kept_index = workload(n)
+    benchmark(synced(lambda: baseline_nonzero_index_select(keep, x)))
+    record(benchmark, compact_bytes(kept_index.numel()))
+
+
+@pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_compact_baseline_boolean_mask(benchmark, n):
+    x, keep, kept_index = workload(n)
+    fn = synced(lambda: baseline_boolean_mask(keep, x))
+    benchmark(fn)
+    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(lambda: baseline_nonzero_index_select(keep, x)))
+
+
+# ---------------------------------------------------------------- gather / scatter
+@pytest.mark.benchmark(group="gather_rows", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_gather_rows_adaexit(benchmark, n):
+    x, keep, kept_index = workload(n)
+    fn = synced(lambda: gather_rows(x, kept_index))
+    benchmark(fn)
+    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(lambda: x.index_select(0, kept_index)))
+
+
+@pytest.mark.benchmark(group="gather_rows", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_gather_rows_baseline_index_select(benchmark, n):
+    x, keep, kept_index = workload(n)
+    benchmark(synced(lambda: x.index_select(0, kept_index)))
+    record(benchmark, compact_bytes(kept_index.numel()))
+
+
+@pytest.mark.benchmark(group="scatter_rows", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_scatter_rows_adaexit(benchmark, n):
+    x, keep, kept_index = workload(n)
+    src = x.index_select(0, kept_index)
+    out = torch.empty_like(x)
+
+    def baseline():
+        out[kept_index] = src
+
+    fn = synced(lambda: scatter_rows(out, kept_index, src))
+    benchmark(fn)
+    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(baseline))
+
+
+@pytest.mark.benchmark(group="scatter_rows", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_scatter_rows_baseline_index_put(benchmark, n):
+    x, keep, kept_index = workload(n)
+    src = x.index_select(0, kept_index)
+    out = torch.empty_like(x)
+
+    def baseline():
+        out[kept_index] = src
+
+    benchmark(synced(baseline))
+    record(benchmark, compact_bytes(kept_index.numel()))
+
+
+# ---------------------------------------------------------------- partition
+@pytest.mark.benchmark(group="partition", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_partition_adaexit(benchmark, n):
+    x, keep, kept_index = workload(n)
+    route = (~keep).to(torch.int64)
+    fn = synced(lambda: partition(route, 2))
+    benchmark(fn)
+    record(benchmark, n * 8 + n * 8, fn, synced(lambda: torch.sort(route, stable=True)))
+
+
+@pytest.mark.benchmark(group="partition", max_time=0.2, min_rounds=10)
+@pytest.mark.parametrize("n", SIZES)
+def test_partition_baseline_stable_sort(benchmark, n):
+    x, keep, kept_index = workload(n)
+    route = (~keep).to(torch.int64)
+    benchmark(synced(lambda: torch.sort(route, stable=True)))
+    record(benchmark, n * 8 + n * 8)

@@ -1,0 +1,168 @@
+"""partition: Triton kernels (interpreter) and the torch reference, exact equality and properties."""
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaexit.kernels import host_sync_count, partition, partition_torch
+
+# the package re-exports the function under the module's name, so fetch the module itself
+partition_mod = importlib.import_module("adaexit.kernels.partition")
+
+SIZES = [0, 1, 7, 33, 100, 4097]  # 4097 > one block of the single-launch kernel (4096)
+NUM_ROUTES = [1, 2, 3, 5]
+PATTERNS = ["random", "all_last", "alternating", "all_but_one", "descending"]
+
+
+def make_route(n: int, r: int, pattern: str, dtype=torch.int64) -> torch.Tensor:
+    if pattern == "random":
+        route = torch.randint(0, r, (n,))
+    elif pattern == "all_last":
+        route = torch.full((n,), r - 1)
+    elif pattern == "alternating":
+        route = torch.arange(n) % r
+    elif pattern == "all_but_one":
+        route = torch.zeros(n, dtype=torch.int64)
+        if n:
+            route[n // 2] = r - 1
+    elif pattern == "descending":
+        route = (r - 1 - torch.arange(n) * r // max(n, 1)).clamp(0, r - 1)
+    return route.to(dtype)
+
+
+def check_properties(route: torch.Tensor, num_routes: int, order: torch.Tensor, counts: torch.Tensor) -> None:
+    n = route.numel()
+    assert order.dtype == torch.int64 and counts.dtype == torch.int64
+    assert order.shape == (n,) and counts.shape == (num_routes,)
+    assert torch.equal(torch.sort(order).values, torch.arange(n))  # a permutation
+    grouped = route.long()[order]
+    assert torch.all(grouped[1:] >= grouped[:-1])  # grouped by route, in route order
+    same = grouped[1:] == grouped[:-1]
+    assert torch.all(order[1:][same] > order[:-1][same])  # stable within a route
+    assert torch.equal(counts, torch.bincount(route.long(), minlength=num_routes))
+    assert int(counts.sum()) == n
+
+
+@pytest.fixture(params=["default_blocks", "tiny_blocks"])
+def blocks(request, monkeypatch):
+    """tiny_blocks sends small N through the multi-block (histogram, scan, scatter) kernels."""
+    if request.param == "tiny_blocks":
+        monkeypatch.setattr(partition_mod, "_SINGLE_BLOCK", 16)
+        monkeypatch.setattr(partition_mod, "_BLOCK", 16)
+        monkeypatch.setattr(partition_mod, "_SCAN_BLOCK", 4)  # 100 rows -> 7 blocks -> 2 scan chunks
+    return request.param
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("num_routes", NUM_ROUTES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_partition_triton_matches_reference(triton_backend, blocks, n, num_routes, pattern):
+    if blocks == "tiny_blocks" and n > 100:
+        pytest.skip("tiny blocks: 100 rows already cover 7 blocks and 2 scan chunks")
+    if pattern != "random" and n > 100 and num_routes not in (2, 5):
+        pytest.skip("large adversarial sizes: two route counts suffice (interpreter time)")
+    route = make_route(n, num_routes, pattern)
+    order, counts = partition(route, num_routes)
+    ref_order, ref_counts = partition_torch(route, num_routes)
+    assert torch.equal(order, ref_order)
+    assert torch.equal(counts, ref_counts)
+    assert counts.device == route.device
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16, torch.bool])
+def test_partition_triton_route_dtypes(triton_backend, blocks, dtype):
+    route = make_route(100, 2, "random", dtype)
+    order, counts = partition(route, 2)
+    ref_order, ref_counts = partition_torch(route, 2)
+    assert torch.equal(order, ref_order) and torch.equal(counts, ref_counts)
+
+
+@pytest.mark.interpreter
+def test_partition_triton_non_contiguous_route(triton_backend):
+    route = torch.randint(0, 3, (200,))[::2]
+    assert all(torch.equal(a, b) for a, b in zip(partition(route, 3), partition_torch(route, 3)))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("num_routes", NUM_ROUTES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_partition_torch_properties(n, num_routes, pattern):
+    route = make_route(n, num_routes, pattern)
+    check_properties(route, num_routes, *partition_torch(route, num_routes))
+
+
+@given(data=st.data())
+@settings(max_examples=100, deadline=None)
+def test_partition_torch_property(data):
+    num_routes = data.draw(st.integers(1, 8))
+    values = data.draw(st.lists(st.integers(0, num_routes - 1), max_size=300))
+    route = torch.tensor(values, dtype=torch.int64)
+    check_properties(route, num_routes, *partition_torch(route, num_routes))
+
+
+@pytest.mark.interpreter
+@given(data=st.data())
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_partition_triton_property(data):
+    num_routes = data.draw(st.integers(1, 6))
+    values = data.draw(st.lists(st.integers(0, num_routes - 1), max_size=200))
+    block = data.draw(st.sampled_from([16, 32, 4096]))  # 16/32: multi-block path, 4096: single launch
+    route = torch.tensor(values, dtype=torch.int64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAEXIT_BACKEND", "triton")
+        mp.setenv("TRITON_INTERPRET", "1")
+        mp.setattr(partition_mod, "_SINGLE_BLOCK", block)
+        mp.setattr(partition_mod, "_BLOCK", block)
+        mp.setattr(partition_mod, "_SCAN_BLOCK", 4)
+        order, counts = partition(route, num_routes)
+    check_properties(route, num_routes, order, counts)
+    ref_order, ref_counts = partition_torch(route, num_routes)
+    assert torch.equal(order, ref_order) and torch.equal(counts, ref_counts)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_partition_makes_no_host_sync(backend, monkeypatch, blocks):
+    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+    route = make_route(100, 3, "random")
+    before = host_sync_count()
+    order, counts = partition(route, 3)
+    assert host_sync_count() == before
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_partition_errors(backend, monkeypatch):
+    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+    with pytest.raises(ValueError, match="num_routes"):
+        partition(torch.zeros(3, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match="num_routes"):
+        partition(torch.zeros(3, dtype=torch.int64), 2.0)
+    with pytest.raises(ValueError, match="1-D"):
+        partition(torch.zeros(2, 3, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="integer"):
+        partition(torch.zeros(3), 2)
+    with pytest.raises(ValueError, match=r"route values must be in \[0, 3\)"):
+        partition(torch.tensor([0, 3, 1]), 3)
+    with pytest.raises(ValueError, match=r"route values must be in \[0, 3\)"):
+        partition(torch.tensor([0, -1, 1]), 3)
+    with pytest.raises(ValueError, match=r"route values must be in \[0, 1\)"):
+        partition(torch.tensor([False, True]), 1)
+
+
+def test_partition_dispatches_to_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv("ADAEXIT_BACKEND", raising=False)
+    calls = []
+    real = partition_mod.partition_torch
+    monkeypatch.setattr(partition_mod, "partition_torch", lambda *a: calls.append(1) or real(*a))
+    partition(torch.tensor([1, 0, 1]), 2)
+    assert calls == [1]
+
+
+def test_partition_empty():
+    order, counts = partition(torch.zeros(0, dtype=torch.int64), 4)
+    assert order.shape == (0,) and order.dtype == torch.int64
+    assert torch.equal(counts, torch.zeros(4, dtype=torch.int64))
