@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -10,10 +11,23 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+@contextmanager
+def eval_mode(*modules):
+    """Temporarily put modules in eval mode (BatchNorm cannot run a one-row batch in train mode)."""
+    modes = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
 @torch.no_grad()
 def count_flops(fn: Callable, *args) -> int:
-    """FLOPs (2 x multiply-adds of matmuls and convolutions) of ``fn(*args)``."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs (2 x multiply-adds of matmuls and convolutions) of ``fn(*args)``, in eval mode."""
+    with eval_mode(fn), FlopCounterMode(display=False) as counter:
         fn(*args)
     return counter.get_total_flops()
 
@@ -28,7 +42,8 @@ def chain_flops(stages: Sequence[nn.Module], heads: Sequence[nn.Module], example
     stage_flops, head_flops = [], []
     for stage, head in zip(stages, heads):
         stage_flops.append(float(count_flops(stage, h)))
-        h = stage(h)
+        with eval_mode(stage):
+            h = stage(h)
         head_flops.append(float(count_flops(head, h)))
     return stage_flops, head_flops
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .cost import chain_flops, chain_latency
 from .executor import CARRY, ExecutionTrace, Node, execute
-from .policies import NeverExitPolicy, Policy
+from .policies import NeverExitPolicy, Policy, policy_from_state
 
 
 @dataclass
@@ -25,6 +25,7 @@ class ExitInfo:
         exit_index: long ``[N]``: the exit whose prediction each row returned.
         exit_counts: rows that exited at each exit.
         rows_run: rows that ran each stage (or node).
+        rows_decided: rows whose exit decision (head + gate) was evaluated at each stage (or node).
         flops: FLOPs spent on the batch (stages run + heads evaluated).
         full_flops: FLOPs the plain model (every stage + the last head) spends on the same batch.
     """
@@ -32,6 +33,7 @@ class ExitInfo:
     exit_index: torch.Tensor
     exit_counts: list[int]
     rows_run: list[int]
+    rows_decided: list[int]
     flops: float
     full_flops: float
 
@@ -55,6 +57,16 @@ def trace_flops(trace: ExecutionTrace, node_flops, head_flops) -> float:
         sum(r * f for r, f in zip(trace.rows_run, node_flops))
         + sum(r * f for r, f in zip(trace.rows_decided, head_flops))
     )
+
+
+def restore_policy_class(model: nn.Module, state_dict, prefix, *args) -> None:
+    """Load-state pre-hook: switch ``model.policy`` to the class its saved state was written by, so a
+    freshly built model (default policy) loads a calibrated one (see :func:`policy_from_state`)."""
+    saved = state_dict.get(prefix + "policy._extra_state")
+    if saved is not None:
+        policy = policy_from_state(saved, model.policy)
+        if policy is not model.policy:
+            model.set_policy(policy)
 
 
 class EarlyExitNet(nn.Module):
@@ -85,6 +97,7 @@ class EarlyExitNet(nn.Module):
             for k, (stage, head) in enumerate(zip(self.stages, self.heads))
         ]
         self._nodes[0].takes = "source"
+        self.register_load_state_dict_pre_hook(restore_policy_class)
 
     @property
     def num_exits(self) -> int:
@@ -117,12 +130,12 @@ class EarlyExitNet(nn.Module):
         if not self.policy.needs_head(k):
             return None, None, state
         try:
-            logits, exit_mask, state = self.policy.decide(k, node.head, h, state)
+            logits, route, state = self.policy.decide_route(k, node.head, h, state)
         except (RuntimeError, ValueError) as err:
             raise ValueError(
                 f"exit head {k} does not fit the output of stage {k} (shape {tuple(h.shape)}): {err}"
             ) from err
-        return logits, (~exit_mask).long(), state
+        return logits, route, state
 
     def flops(self, x: torch.Tensor) -> tuple[list[float], list[float]]:
         """Per-example FLOPs of each stage and each head for inputs shaped like ``x`` (cached)."""
@@ -157,6 +170,7 @@ class EarlyExitNet(nn.Module):
             exit_index=trace.exit_index,
             exit_counts=trace.exit_counts,
             rows_run=trace.rows_run,
+            rows_decided=trace.rows_decided,
             flops=trace_flops(trace, stage_flops, head_flops),
             full_flops=float(x.shape[0] * (sum(stage_flops) + head_flops[-1])),
         )

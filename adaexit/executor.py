@@ -146,6 +146,10 @@ def execute(
         else:
             order, counts = partition(route, 1 + len(node.successors))
             sizes = to_host(counts)  # the one host sync of this decision point
+            if sum(sizes) != count:  # free check: on GPU out-of-range routes would lose rows silently
+                raise ValueError(
+                    f"node {i} ({node.name}): the router gave routes outside [0, {1 + len(node.successors)})"
+                )
             groups, start = [], 0
             for r, size in enumerate(sizes):
                 if size:

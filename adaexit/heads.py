@@ -84,9 +84,9 @@ class ExitHead(nn.Module):
 class LogitsHead(nn.Module):
     """The head of a node whose module already outputs logits (a whole network in a cascade)."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int | None = None):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes = num_classes  # may be learnt on the first forward (the executor reads it)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h

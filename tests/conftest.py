@@ -40,6 +40,11 @@ def torch_backend(monkeypatch):
     yield
 
 
+# Tiny test models are dominated by per-op overhead; on a shared 2-core machine two intra-op threads
+# make them ~30x slower, not faster. Benchmarks (bench/) choose their own thread counts.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -264,3 +264,26 @@ def test_policy_lives_in_state_dict():
         a, ia = model(x, return_info=True)
         b, ib = fresh(x, return_info=True)
     assert torch.equal(a, b) and torch.equal(ia.exit_index, ib.exit_index)
+
+
+@pytest.mark.parametrize(
+    "policy", [ConfidencePolicy("margin", [0.1, 0.3]), PatiencePolicy(2)], ids=["confidence", "patience"]
+)
+def test_a_fresh_model_loads_the_saved_policy_class(policy):
+    model = mlp_net(policy)
+    fresh = mlp_net(seed=3)  # default policy: never exit
+    fresh.load_state_dict(model.state_dict())
+    assert type(fresh.policy) is type(policy)
+    x = inputs("mlp", 40)
+    with torch.no_grad():
+        a, ia = model(x, return_info=True)
+        b, ib = fresh(x, return_info=True)
+    assert torch.equal(a, b) and torch.equal(ia.exit_index, ib.exit_index)
+
+
+def test_loading_a_foreign_policy_state_is_a_clear_error():
+    model = mlp_net(ConfidencePolicy("margin", [0.1, 0.3]))
+    state = model.state_dict()
+    state["policy._extra_state"] = {"policy": "SomethingElse", "x": 1}
+    with pytest.raises(ValueError, match="SomethingElse"):
+        mlp_net().load_state_dict(state)
