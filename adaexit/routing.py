@@ -1,0 +1,582 @@
+"""Dynamic routing with controller modules (Liu & Deng, *Dynamic Deep Neural Networks*, D2NN).
+
+A D2NN is a graph of ordinary modules in which some nodes carry a **controller**: a small sub-network
+that reads the node's output and chooses, per example, what runs next (exit with this node's
+prediction, or one of the node's successors). On the executor (:mod:`adaexit.executor`) a controller is
+one more kind of decision: its choice becomes the row's route, the k-way
+:func:`~adaexit.kernels.partition` kernel splits the batch by route, and each branch runs only on the
+rows routed to it; branches that meet again are merged by the executor.
+
+Topologies from the paper, with builders for small MLP versions:
+
+* **high-low capacity** (:func:`high_low_d2nn`): a controller picks a cheap or an expensive branch;
+  both feed the same classifier;
+* **cascade** (:func:`cascade_d2nn`): classifiers of increasing capacity; after each, a controller
+  returns its prediction or continues;
+* **chain** (:func:`chain_d2nn`): before every block a controller decides to run it or skip it;
+* **hierarchy** (:func:`hierarchy_d2nn`): a tree of controllers, each sending a row to one subtree.
+
+Training (:class:`D2NNTrainer`) is end to end: backprop for the modules (cross-entropy of the
+prediction each row returned, through the branches it took) and REINFORCE with a running-mean
+baseline for the controllers, on the reward ``correct - lam * cost`` where ``cost`` is the row's FLOPs
+divided by those of the most expensive path. Training rollouts sample the controllers' choices and run
+on the executor as well, so modules see only their rows (BatchNorm statistics included). At inference a
+controller takes its argmax: deterministic.
+
+Autograd: training differentiates through the executor's row gathers and scatters, which the torch
+reference kernels support. The Triton kernels (CUDA) have no backward yet, so a training rollout on a
+device that dispatches to Triton raises ``ValueError`` (set ``ADAEXIT_BACKEND=torch`` to train there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cost import count_flops
+from .executor import CARRY, SOURCE, Node, execute, validate_graph
+from .heads import ExitHead, mean_pool
+from .kernels import backend_for
+
+
+class Controller(nn.Module):
+    """A controller: ``mean_pool(h) -> [Linear -> ReLU] -> Linear(num_actions)``; returns action logits.
+
+    Args:
+        in_features: channels (or width) of the node output it reads.
+        num_actions: choices it makes (see :meth:`D2NN.actions`).
+        hidden: width of an optional hidden layer (``None``: a linear controller).
+    """
+
+    def __init__(self, in_features: int, num_actions: int, hidden: int | None = None):
+        super().__init__()
+        if int(num_actions) < 2:
+            raise ValueError(f"a controller needs num_actions >= 2, got {num_actions}")
+        self.num_actions = int(num_actions)
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_actions))
+        else:
+            self.net = nn.Linear(in_features, num_actions)
+
+    @property
+    def out(self) -> nn.Linear:
+        """The last linear layer (its bias sets the initial preference between actions)."""
+        return self.net[-1] if isinstance(self.net, nn.Sequential) else self.net
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(mean_pool(h))
+
+
+@dataclass
+class Rollout:
+    """One pass of a D2NN on a batch (training or inference), every tensor in the original row order.
+
+    Attributes:
+        logits: ``[N, classes]`` the prediction each row returned.
+        log_prob: ``[N]`` sum of the log-probabilities of the controller choices the row went through
+            (differentiable w.r.t. the controllers when sampled in training; zeros at inference).
+        cost: ``[N]`` FLOPs spent on the row divided by the most expensive path's FLOPs.
+        exit_index: ``[N]`` the node whose prediction each row returned.
+        exit_counts, rows_run: per node, rows that exited there / ran its module.
+        flops: FLOPs spent on the batch; ``max_flops``: the most expensive path's FLOPs times ``N``.
+        entropy: ``[N]`` summed entropy of the controller distributions the row met (sampled rollouts).
+    """
+
+    logits: torch.Tensor
+    log_prob: torch.Tensor
+    cost: torch.Tensor
+    exit_index: torch.Tensor
+    exit_counts: list[int]
+    rows_run: list[int]
+    flops: float
+    max_flops: float
+    entropy: torch.Tensor | None = None
+
+    @property
+    def mean_cost(self) -> float:
+        return float(self.cost.mean()) if self.cost.numel() else 0.0
+
+
+class D2NN(nn.Module):
+    """A dynamic network: executor nodes plus controllers that route each example.
+
+    Rules per node (checked at construction, ``ValueError`` naming the node):
+
+    * a node with no successors is a leaf and needs a head: every row reaching it exits there;
+    * a node with a controller chooses among its **actions**: exit (route 0, only if it has a head),
+      then each successor in order; it needs at least two actions;
+    * a node without a controller must have exactly one successor and no head (rows simply go on).
+
+    Args:
+        nodes: :class:`~adaexit.executor.Node` list (routes only go forward; ``"carry"`` nodes read the
+            output of the node that routed the row to them; branches merging into one node must produce
+            the same shape).
+        controllers: ``{node index: controller module}`` (or a list with ``None`` where there is none);
+            a controller maps the node's output ``[n, ...]`` to ``[n, num_actions]`` logits.
+    """
+
+    def __init__(self, nodes: Sequence[Node], controllers: Mapping[int, nn.Module] | Sequence | None = None):
+        super().__init__()
+        nodes = [Node(n.name, n.module, n.head, tuple(n.successors), n.takes) for n in nodes]
+        validate_graph(nodes)
+        if controllers is None:
+            controllers = {}
+        elif not isinstance(controllers, Mapping):
+            controllers = {i: c for i, c in enumerate(controllers) if c is not None}
+        for i in controllers:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(nodes):
+                raise ValueError(f"controllers: {i!r} is not a node index in [0, {len(nodes)})")
+        self.nodes = nodes
+        self.blocks = nn.ModuleList([n.module for n in nodes])
+        self.heads = nn.ModuleDict({str(i): n.head for i, n in enumerate(nodes) if n.head is not None})
+        self.controllers = nn.ModuleDict({str(i): c for i, c in controllers.items()})
+        self._routes: list[torch.Tensor | None] = []
+        reached = {0}
+        for i, node in enumerate(nodes):
+            if i not in reached:
+                raise ValueError(f"node {i} ({node.name}) is unreachable: no earlier node routes to it")
+            reached.update(node.successors)
+            ctrl = controllers.get(i)
+            routes = ([0] if node.head is not None else []) + list(range(1, 1 + len(node.successors)))
+            if not node.successors:
+                if ctrl is not None:
+                    raise ValueError(
+                        f"node {i} ({node.name}) is a leaf: every row exits there, it cannot have a controller"
+                    )
+                self._routes.append(None)
+            elif ctrl is not None:
+                if len(routes) < 2:
+                    raise ValueError(f"node {i} ({node.name}) has a controller but only one way to go")
+                n_act = getattr(ctrl, "num_actions", None)
+                if n_act is not None and n_act != len(routes):
+                    raise ValueError(
+                        f"node {i} ({node.name}): its controller has {n_act} actions, the node has "
+                        f"{len(routes)} ({self._describe(node, routes)})"
+                    )
+                self._routes.append(torch.tensor(routes, dtype=torch.long))
+            else:
+                if len(node.successors) != 1 or node.head is not None:
+                    raise ValueError(
+                        f"node {i} ({node.name}) has {len(node.successors)} successors"
+                        f"{' and a head' if node.head is not None else ''} but no controller to choose"
+                    )
+                self._routes.append(None)
+        self._flops_cache: dict = {}
+
+    @staticmethod
+    def _describe(node: Node, routes) -> str:
+        return ", ".join("exit" if r == 0 else f"node {node.successors[r - 1]}" for r in routes)
+
+    def routes(self, i: int) -> list[int]:
+        """The executor route of each action of node ``i``'s controller (0 = exit, j = ``successors[j-1]``);
+        empty when the node makes no choice."""
+        routes = self._routes[i]
+        return [] if routes is None else routes.tolist()
+
+    def actions(self, i: int) -> list[str]:
+        """What each action of node ``i``'s controller does: ``"exit"`` or ``"node j"``."""
+        routes = self._routes[i]
+        return [] if routes is None else self._describe(self.nodes[i], routes.tolist()).split(", ")
+
+    # -- costs ------------------------------------------------------------------------------------
+    def node_flops(self, x: torch.Tensor) -> list[float]:
+        """Per-example FLOPs of each node for inputs shaped like ``x``: module + controller + head
+        (the controller and head run on every row that reaches the node). Cached per input shape."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key in self._flops_cache:
+            return self._flops_cache[key]
+        was_training = self.training
+        self.eval()  # one example through BatchNorm in train mode would fail
+        try:
+            with torch.no_grad():
+                x1 = x[:1]
+                if x1.shape[0] == 0:
+                    raise ValueError("node_flops needs at least one example to trace the shapes")
+                feats: dict[int, torch.Tensor] = {}
+                parent: dict[int, int] = {}
+                flops = []
+                for i, node in enumerate(self.nodes):
+                    inp = x1 if node.takes == SOURCE else feats[parent[i]]
+                    total = float(count_flops(node.module, inp))
+                    h = node.module(inp)
+                    ctrl = self.controllers[str(i)] if str(i) in self.controllers else None
+                    if ctrl is not None:
+                        total += float(count_flops(ctrl, h))
+                    if node.head is not None:
+                        total += float(count_flops(node.head, h))
+                    flops.append(total)
+                    feats[i] = h
+                    for s in node.successors:
+                        parent.setdefault(s, i)
+        finally:
+            self.train(was_training)
+        self._flops_cache[key] = flops
+        return flops
+
+    def max_path_flops(self, x: torch.Tensor) -> float:
+        """Per-example FLOPs of the most expensive path through the graph (the cost normaliser)."""
+        flops = self.node_flops(x)
+        best = [0.0] * len(self.nodes)
+        for i in reversed(range(len(self.nodes))):
+            after = [best[s] for s in self.nodes[i].successors]
+            best[i] = flops[i] + (max(after) if after else 0.0)
+        return best[0]
+
+    # -- execution --------------------------------------------------------------------------------
+    def rollout(self, x: torch.Tensor, sample: bool | None = None, uniform: bool = False) -> Rollout:
+        """Run the graph sparsely on ``x`` and return what every row did (see :class:`Rollout`).
+
+        Args:
+            sample: draw each controller choice from its softmax (training) instead of the argmax;
+                default: ``self.training``.
+            uniform: draw choices uniformly at random (exploration / module warm-up; ``log_prob`` is
+                still the controllers' log-probability of the drawn choices).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ValueError("x must be a tensor with a batch dimension")
+        sample = self.training if sample is None else bool(sample)
+        n, device = x.shape[0], x.device
+        if torch.is_grad_enabled() and n and backend_for(device) == "triton":
+            raise ValueError(
+                f"D2NN training on {device} needs autograd through the row gather/scatter kernels, which the "
+                "Triton kernels do not provide yet: set ADAEXIT_BACKEND=torch, or run under torch.no_grad()"
+            )
+        if n == 0:
+            classes = getattr(self.nodes[-1].head, "num_classes", 0)
+            empty = torch.zeros(0, device=device)
+            return Rollout(
+                torch.empty((0, classes), device=device), empty, empty,
+                torch.empty(0, dtype=torch.long, device=device),
+                [0] * len(self.nodes), [0] * len(self.nodes), 0.0, 0.0, empty,
+            )  # fmt: skip
+        flops = self.node_flops(x)
+        max_path = self.max_path_flops(x)
+        router = _Router(self, flops, max_path, n, device, sample, uniform)
+        state = {
+            "d2nn_row": torch.arange(n, device=device),
+            "d2nn_logp": torch.zeros(n, device=device),
+            "d2nn_cost": torch.zeros(n, device=device),
+            "d2nn_entropy": torch.zeros(n, device=device),
+        }
+        logits, trace = execute(self.nodes, x, router, state)
+        spent = float(sum(r * f for r, f in zip(trace.rows_run, flops)))
+        return Rollout(
+            logits=logits,
+            log_prob=router.logp_out,
+            cost=router.cost_out,
+            exit_index=trace.exit_index,
+            exit_counts=trace.exit_counts,
+            rows_run=trace.rows_run,
+            flops=spent,
+            max_flops=n * max_path,
+            entropy=router.entropy_out,
+        )
+
+    def forward(self, x: torch.Tensor, return_info: bool = False):
+        """``eval()``: deterministic routing (argmax), sparse; returns ``[N, classes]`` logits in the
+        original order (and the :class:`Rollout` with ``return_info=True``). ``train()``: a sampled
+        :class:`Rollout` (what :class:`D2NNTrainer` consumes)."""
+        if self.training:
+            return self.rollout(x, sample=True)
+        with torch.no_grad():
+            out = self.rollout(x, sample=False)
+        return (out.logits, out) if return_info else out.logits
+
+
+class _Router:
+    """The executor router of one D2NN rollout: controllers pick routes; cost and log-probability
+    travel with the rows as per-example state and are written out at the rows' original positions."""
+
+    def __init__(self, model: D2NN, flops, max_path, n, device, sample, uniform):
+        self.model, self.flops, self.max_path = model, flops, max(max_path, 1e-12)
+        self.sample, self.uniform = sample, uniform
+        self.logp_out = torch.zeros(n, device=device)
+        self.cost_out = torch.zeros(n, device=device)
+        self.entropy_out = torch.zeros(n, device=device)
+        self.routes = [None if r is None else r.to(device) for r in model._routes]
+
+    def __call__(self, i: int, node: Node, h: torch.Tensor, state: dict):
+        state = dict(state)
+        state["d2nn_cost"] = state["d2nn_cost"] + self.flops[i] / self.max_path
+        logits = None
+        if node.head is not None:
+            try:
+                logits = node.head(h).float()
+            except RuntimeError as err:
+                raise ValueError(
+                    f"node {i} ({node.name}): its head does not fit the node's output {tuple(h.shape)}: {err}"
+                ) from err
+        routes = self.routes[i]
+        route = None
+        if routes is not None:
+            ctrl = self.model.controllers[str(i)]
+            scores = ctrl(h)
+            if scores.dim() != 2 or scores.shape != (h.shape[0], routes.numel()):
+                raise ValueError(
+                    f"node {i} ({node.name}): its controller returned shape {tuple(scores.shape)}, expected "
+                    f"[{h.shape[0]}, {routes.numel()}] (actions: {', '.join(self.model.actions(i))})"
+                )
+            if self.sample:
+                dist = torch.distributions.Categorical(logits=scores.float())
+                if self.uniform:
+                    action = torch.randint(routes.numel(), (h.shape[0],), device=h.device)
+                else:
+                    action = dist.sample()
+                state["d2nn_logp"] = state["d2nn_logp"] + dist.log_prob(action)
+                state["d2nn_entropy"] = state["d2nn_entropy"] + dist.entropy()
+            else:
+                action = scores.argmax(dim=1)
+            route = routes[action]
+        if node.head is not None:
+            # Rows exiting here write their cost and log-probability now; rows that go on are written
+            # again where they exit (the last write wins). Out of place, so autograd sees every write.
+            rows = state["d2nn_row"]
+            self.logp_out = self.logp_out.index_copy(0, rows, state["d2nn_logp"])
+            self.cost_out = self.cost_out.index_copy(0, rows, state["d2nn_cost"].to(self.cost_out.dtype))
+            self.entropy_out = self.entropy_out.index_copy(0, rows, state["d2nn_entropy"])
+        return logits, route, state
+
+
+class D2NNTrainer:
+    """End-to-end D2NN training: backprop for the modules, REINFORCE for the controllers.
+
+    Per step, on a sampled rollout: ``loss = CE(prediction, y) - mean((R - b) * log_prob)`` with reward
+    ``R = 1[correct] - lam * cost`` (cost = FLOPs / most expensive path) and ``b`` a running mean of the
+    reward (the baseline; it lowers the variance of the policy gradient without biasing it).
+
+    Args:
+        model: the :class:`D2NN`.
+        lam: the price of computation; larger -> cheaper paths.
+        lr: Adam learning rate for the modules; ``controller_lr`` for the controllers (default ``lr``).
+        baseline_momentum: of the running-mean baseline.
+        entropy: optional entropy bonus on the controllers' choices (keeps exploring early on).
+    """
+
+    def __init__(
+        self,
+        model: D2NN,
+        lam: float = 0.1,
+        lr: float = 1e-3,
+        controller_lr: float | None = None,
+        baseline_momentum: float = 0.9,
+        entropy: float = 0.0,
+    ):
+        if not isinstance(model, D2NN):
+            raise ValueError(f"model must be a D2NN, got {type(model).__name__}")
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if not 0 <= baseline_momentum < 1:
+            raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum}")
+        self.model, self.lam, self.entropy = model, float(lam), float(entropy)
+        self.momentum = float(baseline_momentum)
+        self.baseline: float | None = None
+        ctrl_params = list(model.controllers.parameters())
+        ids = {id(p) for p in ctrl_params}
+        module_params = [p for p in model.parameters() if id(p) not in ids]
+        groups = [{"params": module_params, "lr": lr}]
+        if ctrl_params:
+            groups.append({"params": ctrl_params, "lr": controller_lr or lr})
+        self.optimizer = torch.optim.Adam(groups)
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, modules: bool = True, controllers: bool = True, explore: bool = False
+    ) -> dict:
+        """One training step; returns ``{"loss", "reward", "accuracy", "cost"}`` of the batch.
+
+        Args:
+            modules / controllers: which parts learn at this step.
+            explore: route uniformly at random (warm up the modules before the controllers learn).
+        """
+        model = self.model
+        model.train()
+        out = model.rollout(x, sample=True, uniform=explore)
+        ce = F.cross_entropy(out.logits, y)
+        with torch.no_grad():
+            correct = (out.logits.argmax(1) == y).float()
+            reward = correct - self.lam * out.cost
+            mean_reward = float(reward.mean())
+            if self.baseline is None:
+                self.baseline = mean_reward
+            advantage = reward - self.baseline
+            self.baseline = self.momentum * self.baseline + (1 - self.momentum) * mean_reward
+        loss = ce if modules else ce.new_zeros(())
+        if controllers and not explore and len(model.controllers):
+            loss = loss - (advantage * out.log_prob).mean()
+            if self.entropy:
+                loss = loss - self.entropy * out.entropy.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            self.optimizer.step()
+        return {
+            "loss": float(loss.detach()),
+            "reward": mean_reward,
+            "accuracy": float(correct.mean()),
+            "cost": out.mean_cost,
+        }
+
+    def fit(
+        self, data, epochs: int = 1, warmup_epochs: int = 0, batch_size: int = 256, shuffle: bool = True
+    ) -> list[dict]:
+        """Train for ``warmup_epochs`` of module-only training on uniformly random routes, then
+        ``epochs`` of joint training. Returns the per-epoch means of :meth:`step`'s results.
+
+        Args:
+            data: ``(inputs, labels)`` tensors (batched here, reshuffled each epoch with torch's RNG)
+                or an iterable of ``(x, y)`` batches.
+        """
+        history = []
+        for epoch in range(int(warmup_epochs) + int(epochs)):
+            warm = epoch < warmup_epochs
+            logs = [self.step(x, y, explore=warm, controllers=not warm) for x, y in _batches(data, batch_size, shuffle)]
+            if logs:
+                history.append({k: sum(d[k] for d in logs) / len(logs) for k in logs[0]} | {"warmup": warm})
+        return history
+
+
+def _batches(data, batch_size: int, shuffle: bool) -> Iterable:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        xs, ys = data
+        if xs.shape[0] != ys.shape[0]:
+            raise ValueError(f"data: {xs.shape[0]} inputs but {ys.shape[0]} labels")
+        order = torch.randperm(xs.shape[0]) if shuffle else torch.arange(xs.shape[0])
+        for i in range(0, xs.shape[0], batch_size):
+            idx = order[i : i + batch_size].to(xs.device)
+            yield xs[idx], ys[idx]
+    else:
+        yield from data
+
+
+# -- builders for the paper's topologies (small MLP blocks) ----------------------------------------
+def _mlp(i: int, o: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(i, o), nn.ReLU())
+
+
+class _Residual(nn.Module):
+    """``h + relu(Linear(h))``: a block that can be skipped without changing shapes."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + F.relu(self.linear(h))
+
+
+def high_low_d2nn(
+    in_features: int,
+    num_classes: int,
+    width: int = 16,
+    high_width: int = 64,
+    controller_hidden: int | None = None,
+    stem: nn.Module | None = None,
+) -> D2NN:
+    """High-low capacity: a controller on the stem's output picks the high-capacity branch (action 0,
+    a 3-layer MLP) or the low-capacity one (action 1, one linear layer); both produce ``width`` features
+    that merge into one shared classifier. ``stem`` defaults to the identity (the controller reads x)."""
+    stem = stem if stem is not None else nn.Identity()
+    high = nn.Sequential(
+        _mlp(in_features, high_width), _mlp(high_width, high_width), nn.Linear(high_width, width), nn.ReLU()
+    )
+    low = nn.Linear(in_features, width)  # with the linear classifier: a linear model
+    nodes = [
+        Node("stem", stem, None, (1, 2), SOURCE),
+        Node("high", high, None, (3,), CARRY),
+        Node("low", low, None, (3,), CARRY),
+        Node("classifier", nn.Identity(), ExitHead(width, num_classes), (), CARRY),
+    ]
+    return D2NN(nodes, {0: Controller(in_features, 2, controller_hidden)})
+
+
+def cascade_d2nn(
+    in_features: int, num_classes: int, widths: Sequence[int] = (8, 32, 128), controller_hidden: int | None = None
+) -> D2NN:
+    """Cascade: stage ``k`` widens the features to ``widths[k]`` and has a classifier; after every stage
+    but the last a controller returns that classifier's prediction (action 0) or continues (action 1)."""
+    widths = list(widths)
+    if not widths:
+        raise ValueError("widths must not be empty")
+    nodes, ctrls, prev = [], {}, in_features
+    for k, w in enumerate(widths):
+        last = k == len(widths) - 1
+        successors = () if last else (k + 1,)
+        takes = SOURCE if k == 0 else CARRY
+        nodes.append(Node(f"stage {k}", _mlp(prev, w), ExitHead(w, num_classes), successors, takes))
+        if not last:
+            ctrls[k] = Controller(w, 2, controller_hidden)
+        prev = w
+    return D2NN(nodes, ctrls)
+
+
+def chain_d2nn(
+    in_features: int, num_classes: int, width: int = 32, depth: int = 3, controller_hidden: int | None = None
+) -> D2NN:
+    """Chain: a stem, then ``depth`` residual blocks, each preceded by a gate node whose controller runs
+    the block (action 0) or skips it (action 1, the features pass through unchanged); then a classifier.
+
+    Node layout: ``stem, gate 1, block 1, gate 2, block 2, ..., gate L, block L, classifier``.
+    """
+    if int(depth) < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    nodes = [Node("stem", _mlp(in_features, width), None, (1,), SOURCE)]
+    ctrls = {}
+    for j in range(depth):
+        gate, block = len(nodes), len(nodes) + 1
+        after = block + 1  # the next gate, or the classifier
+        nodes.append(Node(f"gate {j + 1}", nn.Identity(), None, (block, after), CARRY))
+        nodes.append(Node(f"block {j + 1}", _Residual(width), None, (after,), CARRY))
+        ctrls[gate] = Controller(width, 2, controller_hidden)
+    nodes.append(Node("classifier", nn.Identity(), ExitHead(width, num_classes), (), CARRY))
+    return D2NN(nodes, ctrls)
+
+
+def hierarchy_d2nn(
+    in_features: int,
+    num_classes: int,
+    width: int = 32,
+    branching: Sequence[int] = (2, 2),
+    controller_hidden: int | None = None,
+) -> D2NN:
+    """Hierarchy: a tree of controllers. The root (a stem) sends each row to one of ``branching[0]``
+    subtrees, each of those to one of ``branching[1]``, ...; the leaves are blocks with classifiers.
+    Nodes are numbered breadth first."""
+    branching = list(branching)
+    if not branching or any(int(b) < 2 for b in branching):
+        raise ValueError(f"branching must be a non-empty list of ints >= 2, got {branching!r}")
+    levels = [[0]]
+    count = 1
+    for b in branching:
+        level = []
+        for _ in levels[-1]:
+            level.extend(range(count, count + b))
+            count += b
+        levels.append(level)
+    nodes: list[Node | None] = [None] * count
+    ctrls = {}
+    for depth, level in enumerate(levels):
+        for pos, i in enumerate(level):
+            leaf = depth == len(branching)
+            succ = () if leaf else tuple(levels[depth + 1][pos * branching[depth] : (pos + 1) * branching[depth]])
+            module = _mlp(in_features, width) if depth == 0 else _mlp(width, width)
+            head = ExitHead(width, num_classes) if leaf else None
+            name = "root" if depth == 0 else f"level {depth} node {pos}"
+            nodes[i] = Node(name, module, head, succ, SOURCE if depth == 0 else CARRY)
+            if not leaf:
+                ctrls[i] = Controller(width, branching[depth], controller_hidden)
+    return D2NN(nodes, ctrls)
+
+
+__all__ = [
+    "Controller",
+    "D2NN",
+    "D2NNTrainer",
+    "Rollout",
+    "cascade_d2nn",
+    "chain_d2nn",
+    "hierarchy_d2nn",
+    "high_low_d2nn",
+]

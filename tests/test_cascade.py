@@ -1,0 +1,609 @@
+"""Cascade / network selection: nothing lost, per-example equivalence, skipping, costs, oracle, errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy
+from adaexit.cascade import (
+    Cascade,
+    NetworkSelectionPolicy,
+    RoutingPolicy,
+    cascade_frontier,
+    cascade_oracle,
+    collect_outputs,
+    evaluate_policy,
+    frontier_table,
+    plot_frontier,
+)
+from adaexit.cost import chain_flops, count_flops
+from adaexit.kernels import _dispatch, exit_gate_torch
+
+CLASSES = 5
+DIM = 8
+HYPO = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster and immune to other processes competing for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# models and reference computations
+# ---------------------------------------------------------------------------------------------
+def mlp(widths, seed):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def een(seed):
+    torch.manual_seed(seed)
+    stages = [nn.Sequential(nn.Linear(DIM, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU())]
+    return EarlyExitNet(stages, [ExitHead(16, CLASSES), ExitHead(16, CLASSES)])
+
+
+def build(kind, policy=None):
+    """``networks``: 3 whole networks; ``with_een``: net, 2-exit EarlyExitNet, net (4 nodes);
+    ``een_first``: 2-exit EarlyExitNet then a net (3 nodes: 0 source, 1 carry, 2 source)."""
+    small, medium, large = mlp([DIM, CLASSES], 1), mlp([DIM, 16, CLASSES], 2), mlp([DIM, 32, 32, CLASSES], 3)
+    models = {
+        "networks": [small, medium, large],
+        "with_een": [small, een(4), large],
+        "een_first": [een(5), large],
+    }[kind]
+    # example_input: the class-count probe (one row through every node) runs now, not in a forward
+    return Cascade(models, policy, example_input=torch.zeros(1, DIM)).eval()
+
+
+KINDS = ("networks", "with_een", "een_first")
+
+
+def inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, DIM, generator=g) * 3
+
+
+def dense_scores(cascade, x, criterion):
+    with torch.no_grad():
+        logits = cascade.exit_logits(x)
+    return torch.stack([exit_gate_torch(z, None, criterion=criterion)[1] for z in logits]), logits
+
+
+def first_exit(scores, thresholds):
+    last = scores.shape[0] - 1
+    exits = torch.full((scores.shape[1],), last, dtype=torch.long)
+    for k in reversed(range(last)):
+        exits = torch.where(scores[k] >= thresholds[k], torch.full_like(exits, k), exits)
+    return exits
+
+
+class RowCounter:
+    """Forward pre-hook counting the rows (and recording the inputs) each module sees."""
+
+    def __init__(self, module):
+        self.rows, self.inputs = 0, []
+        module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.rows += args[0].shape[0]
+        self.inputs.append(args[0].detach().clone())
+
+
+class TablePolicy(RoutingPolicy):
+    """Routes row ``i`` at node ``k`` to ``table[k][i]``; the row id travels as per-example state."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def init_state(self, n, device):
+        return {"row": torch.arange(n, device=device)}
+
+    def decide_route(self, k, head, h, state):
+        logits = head(h)
+        route = self.table[k][state["row"]] if k < len(self.table) else torch.zeros_like(state["row"])
+        return logits, route, state
+
+
+def follow(table, successors, n):
+    """Reference walk of a route table: (exit node per row, bool [K, n] nodes visited)."""
+    K = len(successors)
+    visited = torch.zeros(K, n, dtype=torch.bool)
+    exits = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        k = 0
+        while True:
+            visited[k, i] = True
+            r = int(table[k][i]) if successors[k] else 0
+            if r == 0:
+                exits[i] = k
+                break
+            k = successors[k][r - 1]
+    return exits, visited
+
+
+# ---------------------------------------------------------------------------------------------
+# graph, nothing lost, equivalence
+# ---------------------------------------------------------------------------------------------
+def test_graph_numbering_and_successors():
+    c = build("with_een")
+    assert c.num_exits == 4
+    assert c.node_model == [0, 1, 1, 2]
+    # next node first (so an exit mask maps to 0/1), then later network entries; never mid-EarlyExitNet
+    assert c.successors == [(1, 3), (2, 3), (3,), ()]
+    assert "exit 1" in c.node_names[2]
+    c2 = build("een_first")
+    assert c2.successors == [(1, 2), (2,), ()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exit_logits_match_each_network(kind):
+    c = build(kind)
+    x = inputs(7)
+    with torch.no_grad():
+        got = c.exit_logits(x)
+        expected = []
+        for model in c.models:
+            expected += model.exit_logits(x) if isinstance(model, EarlyExitNet) else [model(x)]
+    assert len(got) == c.num_exits == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_train_mode_returns_every_node():
+    c = build("with_een").train()
+    x = inputs(6)
+    outs = c(x)
+    assert isinstance(outs, list) and len(outs) == 4 and all(o.shape == (6, CLASSES) for o in outs)
+    outs[-1].sum().backward()  # differentiable end to end
+    assert c.models[2][0].weight.grad is not None
+    with pytest.raises(ValueError, match="eval"):
+        c(x, return_info=True)
+
+
+@HYPO
+@given(
+    kind=st.sampled_from(KINDS),
+    n=st.integers(1, 40),
+    criterion=st.sampled_from(["maxprob", "margin", "entropy"]),
+    data=st.data(),
+)
+def test_confidence_per_example_equivalence(kind, n, criterion, data):
+    """Batch result == each row alone == the dense reference, for random sizes, orders, thresholds."""
+    c = build(kind)
+    thresholds = data.draw(st.lists(st.floats(0.0, 1.05), min_size=c.num_exits - 1, max_size=c.num_exits - 1))
+    c.set_policy(ConfidencePolicy(criterion, thresholds))
+    perm_seed = data.draw(st.integers(0, 10_000))
+    x = inputs(n, seed=perm_seed)[torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))]
+    scores, dense = dense_scores(c, x, criterion)
+    expected = first_exit(scores, thresholds)
+    t = torch.tensor([th if th <= 1 else math.inf for th in thresholds])[:, None]
+    clear = ((scores[:-1] - t).abs() > 1e-4).all(dim=0)  # rows far from every threshold
+
+    with torch.no_grad():
+        logits, info = c(x, return_info=True)
+        alone = [c(x[i : i + 1], return_info=True) for i in range(n)]
+
+    # nothing lost: exactly one prediction and a valid exit index per row
+    assert logits.shape == (n, CLASSES)
+    assert sum(info.exit_counts) == n and info.exit_index.shape == (n,)
+    assert bool(((info.exit_index >= 0) & (info.exit_index < c.num_exits)).all())
+    assert torch.bincount(info.exit_index, minlength=c.num_exits).tolist() == info.exit_counts
+    stacked = torch.stack(dense)
+    torch.testing.assert_close(logits, stacked[info.exit_index, torch.arange(n)], rtol=1e-5, atol=1e-5)
+    for i in torch.nonzero(clear).flatten().tolist():
+        assert int(info.exit_index[i]) == int(expected[i]) == int(alone[i][1].exit_index[0])
+        torch.testing.assert_close(logits[i], alone[i][0][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_routed_past_a_node_never_run_it(kind):
+    c = build(kind, ConfidencePolicy("maxprob", [0.6] * (build(kind).num_exits - 1)))
+    nodes = c._nodes
+    x = inputs(200, seed=3)
+    scores, _ = dense_scores(c, x, "maxprob")
+    expected = first_exit(scores, [0.6] * (c.num_exits - 1))
+    c.exit_costs(x)  # FLOPs are counted (on one row) and cached before the counters start
+    counters = [RowCounter(node.module) for node in nodes]
+    with torch.no_grad():
+        _, info = c(x, return_info=True)
+    for k, ctr in enumerate(counters):
+        reach = expected >= k
+        assert ctr.rows == info.rows_run[k] == int(reach.sum()), f"node {k}"
+        if nodes[k].takes == "source" and ctr.rows:
+            # exactly the rows that did not exit earlier, in their original order
+            torch.testing.assert_close(torch.cat(ctr.inputs), x[reach])
+    assert 0 < info.exit_counts[0] < 200  # the test exercises a real split
+
+
+def test_skip_straight_to_the_last_network():
+    c = build("networks")
+    x = inputs(33, seed=4)
+    c.exit_costs(x)  # FLOPs are counted (on one row) and cached before the counters start
+    counters = [RowCounter(m) for m in c.models]
+    n = x.shape[0]
+    skip = torch.full((n,), 2)  # route 2 at node 0 = successors[0][1] = node 2
+    c.set_policy(TablePolicy([skip, torch.ones(n, dtype=torch.long)]))
+    with torch.no_grad():
+        logits, info = c(x, return_info=True)
+        expected = c.models[2](x)
+    assert counters[1].rows == 0 and info.rows_run == [n, 0, n]
+    assert info.exit_counts == [0, 0, n] and bool((info.exit_index == 2).all())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert info.flops == pytest.approx(n * (count_flops(c.models[0], x[:1]) + count_flops(c.models[2], x[:1])))
+
+
+def test_skip_past_the_rest_of_an_early_exit_net():
+    c = build("een_first")  # node 0 = EEN stage 0 (source), 1 = EEN stage 1 (carry), 2 = net (source)
+    x = inputs(20, seed=5)
+    c.exit_costs(x)
+    with torch.no_grad():
+        dense = torch.stack(c.exit_logits(x))
+    counters = [RowCounter(node.module) for node in c._nodes]
+    route0 = torch.tensor([0, 1, 2] * 6 + [2, 2])
+    c.set_policy(TablePolicy([route0, torch.tensor([0, 1] * 10)]))
+    with torch.no_grad():
+        logits, info = c(x, return_info=True)
+    exits, visited = follow([route0, torch.tensor([0, 1] * 10)], c.successors, 20)
+    assert torch.equal(info.exit_index, exits)
+    assert [ctr.rows for ctr in counters] == visited.sum(1).tolist() == info.rows_run
+    torch.testing.assert_close(logits, dense[exits, torch.arange(20)], rtol=1e-5, atol=1e-5)
+
+
+@HYPO
+@given(kind=st.sampled_from(KINDS), n=st.integers(0, 30), seed=st.integers(0, 10_000))
+def test_random_multiway_routes(kind, n, seed):
+    """Any table of routes (merges included): nothing lost, each row exits where its route says, each
+    node runs exactly the rows that visit it, and per-example state travels with its row."""
+    c = build(kind)
+    g = torch.Generator().manual_seed(seed)
+    table = [torch.randint(0, 1 + len(s), (n,), generator=g) for s in c.successors[:-1]]
+    c.set_policy(TablePolicy(table))
+    x = inputs(n, seed=seed)
+    with torch.no_grad():
+        dense = torch.stack(c.exit_logits(x)) if n else None
+    if n:
+        c.exit_costs(x)
+    counters = [RowCounter(node.module) for node in c._nodes]
+    with torch.no_grad():
+        logits, info = c(x, return_info=True)
+    exits, visited = follow(table, c.successors, n)
+    assert logits.shape == (n, CLASSES)
+    assert torch.equal(info.exit_index, exits)
+    assert info.rows_run == visited.sum(1).tolist()
+    assert [ctr.rows for ctr in counters] == info.rows_run
+    if n:
+        torch.testing.assert_close(logits, dense[exits, torch.arange(n)], rtol=1e-5, atol=1e-5)
+
+
+def test_one_host_sync_per_decision():
+    c = build("with_een", ConfidencePolicy("maxprob", [0.6, 0.6, 0.6]))
+    x = inputs(64, seed=9)
+    with torch.no_grad():
+        c(x)  # warm: the first forward of a fresh cascade may probe the class count
+        before = _dispatch.host_sync_count()
+        _, info = c(x, return_info=True)
+    decisions = sum(1 for k in range(c.num_exits - 1) if info.rows_run[k])  # the last node needs none
+    assert _dispatch.host_sync_count() - before == decisions
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["networks", "een_first"])
+def test_triton_kernels_route_like_the_torch_path(triton_backend, kind):
+    """The same sparse execution through the Triton kernels (interpreter): 3-way partition, gather,
+    scatter and the fused gate on logits."""
+    c = build(kind)
+    n = 12
+    x = inputs(n, seed=10)
+    table = [torch.tensor([0, 1, 2] * 4), torch.tensor([0, 1] * 6)]
+    with torch.no_grad():
+        dense = torch.stack(c.exit_logits(x))
+    for policy in (TablePolicy(table), ConfidencePolicy("maxprob", [0.5] * (c.num_exits - 1))):
+        c.set_policy(policy)
+        with torch.no_grad():
+            logits, info = c(x, return_info=True)
+        torch.testing.assert_close(logits, dense[info.exit_index, torch.arange(n)], rtol=1e-5, atol=1e-5)
+        if isinstance(policy, TablePolicy):
+            exits, visited = follow(table, c.successors, n)
+            assert torch.equal(info.exit_index, exits) and info.rows_run == visited.sum(1).tolist()
+
+
+def test_never_exit_runs_every_network_and_returns_the_last():
+    c = build("networks")  # default policy: NeverExitPolicy
+    assert isinstance(c.policy, NeverExitPolicy)
+    x = inputs(9)
+    with torch.no_grad():
+        logits, info = c(x, return_info=True)
+        torch.testing.assert_close(logits, c.models[2](x))
+    assert info.rows_run == [9, 9, 9] and info.exit_counts == [0, 0, 9] and info.rows_decided == [0, 0, 9]
+
+
+def test_nan_logits_never_exit_early():
+    class NaNForFlagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp([DIM, CLASSES], 7)
+
+        def forward(self, x):
+            out = self.net(x)
+            return torch.where(x[:, :1] > 100, torch.full_like(out, float("nan")), out)
+
+    x = inputs(10)
+    x[::3, 0] = 1000.0
+    flagged = x[:, 0] > 100
+    for policy in (ConfidencePolicy("maxprob", [0.0, 0.0]), NetworkSelectionPolicy()):
+        c = Cascade([NaNForFlagged(), mlp([DIM, 16, CLASSES], 2), mlp([DIM, CLASSES], 3)], policy).eval()
+        with torch.no_grad():
+            logits, info = c(x, return_info=True)
+        assert bool((info.exit_index[flagged] > 0).all()), type(policy).__name__
+        assert bool(torch.isfinite(logits[flagged]).all())
+
+
+def test_empty_batch():
+    c = build("networks", ConfidencePolicy("maxprob", [0.5, 0.5]))
+    with torch.no_grad():
+        logits, info = c(torch.zeros(0, DIM), return_info=True)
+    assert logits.shape == (0, CLASSES)
+    assert info.exit_index.shape == (0,) and info.exit_counts == [0, 0, 0] and info.flops == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+def test_mismatched_class_counts_are_named():
+    a, b = mlp([DIM, CLASSES], 1), mlp([DIM, 16, 3], 2)
+    x = inputs(4)
+    with pytest.raises(ValueError, match=r"node 0 .*predicts 5, node 1 .*predicts 3"):
+        Cascade([a, b], example_input=x)
+    # without example_input: the first eval forward finds it, even when every row would exit at node 0
+    c = Cascade([a, b], ConfidencePolicy("maxprob", [0.0])).eval()
+    with pytest.raises(ValueError, match=r"node 1 \(model 1"):
+        c(x)
+    with pytest.raises(ValueError, match="number of classes"):
+        c.train()(x)
+    # an early-exit net's heads count as nodes too
+    bad_een = EarlyExitNet([nn.Sequential(nn.Linear(DIM, 16), nn.ReLU())], [ExitHead(16, 4)])
+    with pytest.raises(ValueError, match=r"node 1 \(model 1 \(EarlyExitNet\) exit 0\) predicts 4"):
+        Cascade([a, bad_een], example_input=x)
+
+
+def test_wrong_threshold_count():
+    with pytest.raises(ValueError, match="3 thresholds but the model has 3 exits"):
+        build("networks", ConfidencePolicy("maxprob", [0.5, 0.5, 0.5]))
+    # the flattened early-exit net makes 4 nodes: 3 thresholds needed
+    with pytest.raises(ValueError, match="len\\(thresholds\\) == 3"):
+        build("with_een", ConfidencePolicy("maxprob", [0.5, 0.5]))
+    with pytest.raises(ValueError, match="len\\(thresholds\\) == 2"):
+        build("networks").set_policy(ConfidencePolicy("maxprob", [0.5]))
+
+
+def test_bad_models():
+    with pytest.raises(ValueError, match="empty"):
+        Cascade([])
+    with pytest.raises(ValueError, match=r"models\[1\]"):
+        Cascade([nn.Linear(DIM, CLASSES), "resnet"])
+    with pytest.raises(ValueError, match="do not nest"):
+        Cascade([nn.Linear(DIM, CLASSES), build("networks")])
+    with pytest.raises(ValueError, match="logits"):
+        Cascade([nn.Linear(DIM, 1)], example_input=inputs(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# costs (the calibration protocol)
+# ---------------------------------------------------------------------------------------------
+def test_exit_costs_and_info_flops():
+    c = build("with_een", ConfidencePolicy("maxprob", [0.6, 0.6, 0.6]))
+    x = inputs(64, seed=6)
+    stage, head = c.exit_costs(x, "flops")
+    een_stage, een_head = chain_flops(c.models[1].stages, c.models[1].heads, x)
+    assert stage == [count_flops(c.models[0], x[:1]), *een_stage, count_flops(c.models[2], x[:1])]
+    assert head == [0.0, *een_head, 0.0]
+    assert c.node_costs(x) == [stage[0], een_stage[0] + een_head[0], sum(een_stage) + een_head[1], stage[3]]
+    with torch.no_grad():
+        _, info = c(x, return_info=True)
+    spent = sum(r * s for r, s in zip(info.rows_run, stage)) + sum(r * h for r, h in zip(info.rows_decided, head))
+    assert info.flops == pytest.approx(spent)
+    assert info.full_flops == pytest.approx(64 * stage[3])  # the strongest single network alone
+    latency_stage, latency_head = c.exit_costs(x, "latency")
+    assert len(latency_stage) == 4 and all(t > 0 for t in latency_stage) and latency_head[0] == 0.0
+    with pytest.raises(ValueError, match="cost"):
+        c.exit_costs(x, "joules")
+
+
+# ---------------------------------------------------------------------------------------------
+# oracle and frontier helpers
+# ---------------------------------------------------------------------------------------------
+def one_hot_logits(preds, classes=3):
+    return F.one_hot(torch.tensor(preds), classes).float() * 5
+
+
+def test_oracle_hand_example():
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    node_logits = [
+        one_hot_logits([0, 0, 0, 1, 1]),  # right on rows 0, 4
+        one_hot_logits([0, 0, 2, 1, 0]),  # right on rows 0, 2
+        one_hot_logits([0, 1, 2, 2, 1]),  # right on rows 0, 1, 2, 4
+    ]
+    result = cascade_oracle(node_logits, labels, [1.0, 5.0, 10.0])
+    assert result.choice.tolist() == [0, 2, 1, 2, 0]  # row 3: nobody is right -> most expensive node
+    assert result.accuracy == pytest.approx(4 / 5)
+    assert result.mean_cost == pytest.approx((1 + 10 + 5 + 10 + 1) / 5)
+    with pytest.raises(ValueError, match="node_costs"):
+        cascade_oracle(node_logits, labels, [1.0, 2.0])
+
+
+@HYPO
+@given(n=st.integers(1, 40), k=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_oracle_properties(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    logits = [torch.randn(n, 3, generator=g) for _ in range(k)]
+    costs = (torch.rand(k, generator=g) * 10 + 0.1).tolist()
+    result = cascade_oracle(logits, labels, costs)
+    correct = torch.stack([z.argmax(1) == labels for z in logits])
+    any_right = correct.any(0)
+    assert result.accuracy == pytest.approx(float(any_right.double().mean()))
+    assert result.accuracy >= max(float(c.double().mean()) for c in correct) - 1e-12
+    for i in range(n):
+        j = int(result.choice[i])
+        if any_right[i]:
+            assert correct[j, i] and costs[j] == min(costs[m] for m in range(k) if correct[m, i])
+        else:
+            assert costs[j] == max(costs)
+
+
+def test_frontier_table_and_plot(tmp_path):
+    c = build("networks")
+    x = inputs(120, seed=8)
+    with torch.no_grad():
+        y = c.models[2](x).argmax(1)  # labels the big network gets right
+    sweep = [(t, ConfidencePolicy("maxprob", [t, t])) for t in (0.3, 0.6, 0.9)]
+    points = cascade_frontier(c, (x, y), {"confidence": sweep})
+    methods = [p.method for p in points]
+    assert methods.count("single network") == 3 and methods.count("oracle") == 1 and methods.count("confidence") == 3
+    singles = [p for p in points if p.method == "single network"]
+    outputs = collect_outputs(c, (x, y))
+    assert [p.accuracy for p in singles] == pytest.approx(outputs.node_accuracy())
+    assert singles[2].accuracy == 1.0
+    # each policy point agrees with a direct sparse run
+    acc, cost, _ = evaluate_policy(c, (x, y), ConfidencePolicy("maxprob", [0.6, 0.6]))
+    point = [p for p in points if p.method == "confidence" and p.setting == "0.6"][0]
+    assert (point.accuracy, point.cost) == pytest.approx((acc, cost))
+    assert isinstance(c.policy, NeverExitPolicy)  # evaluate_policy restored the cascade's policy
+    table = frontier_table(points)
+    assert "oracle" in table and table.count("| confidence |") == 3
+    path = plot_frontier(points, tmp_path / "frontier.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# a synthetic task with a known easy/hard split (shared by network selection and calibrate)
+# ---------------------------------------------------------------------------------------------
+def easy_hard(n, seed):
+    """Easy rows: the label is the sign of x0 (|x0| >= 2; a linear model suffices). Hard rows: x0 ~ 0 and
+    the label is XOR(x1 > 0, x2 > 0) (needs a non-linear network). Returns ``x, y, hard``."""
+    g = torch.Generator().manual_seed(seed)
+    hard = torch.rand(n, generator=g) < 0.5
+    y_easy = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 4, generator=g)
+    x[:, 1:3] = x[:, 1:3].sign() * (0.25 + x[:, 1:3].abs())
+    y_hard = ((x[:, 1] > 0) ^ (x[:, 2] > 0)).long()
+    x[:, 0] = torch.where(hard, 0.05 * torch.randn(n, generator=g), (2 * y_easy - 1) * (2 + torch.rand(n, generator=g)))
+    return x, torch.where(hard, y_hard, y_easy), hard
+
+
+def fit(model, x, y, steps, lr):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def task():
+    """Trained nets: small linear (easy rows only), a costlier *linear* middle net (still easy rows
+    only), and an MLP that solves both. The right routing: easy -> exit at 0, hard -> skip to 2."""
+    torch.manual_seed(0)
+    x, y, hard = easy_hard(1500, 1)
+    small = fit(nn.Linear(4, 2), x, y, 150, 2e-2)
+    middle = fit(nn.Sequential(nn.Linear(4, 128), nn.Linear(128, 2)), x, y, 150, 1e-2)
+    big = fit(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)), x, y, 300, 1e-2)
+    test = easy_hard(1000, 2)
+    return {"train": (x, y, hard), "test": test, "models": [small, middle, big]}
+
+
+def test_network_selection_routes_easy_early_and_hard_past_the_middle(task):
+    x, y, _ = task["train"]
+    xt, yt, hard = task["test"]
+    c = Cascade(task["models"]).eval()
+    outputs = collect_outputs(c, (x, y))
+    assert outputs.node_accuracy()[2] > 0.97 > 0.8 > outputs.node_accuracy()[1]  # the task is as designed
+    policy = NetworkSelectionPolicy().fit(c, outputs, lam=0.05)
+    c.set_policy(policy)
+    counter = RowCounter(c.models[1])
+    with torch.no_grad():
+        logits, info = c(xt, return_info=True)
+    e = info.exit_index
+    assert float((e[~hard] == 0).float().mean()) >= 0.95  # easy rows exit at the cheap network
+    assert float((e[hard] == 2).float().mean()) >= 0.95  # hard rows go to the big one...
+    assert counter.rows == info.rows_run[1] <= 0.05 * len(xt)  # ...skipping the useless middle one
+    big_acc = float((c.models[2](xt).argmax(1) == yt).float().mean())
+    assert float((logits.argmax(1) == yt).float().mean()) >= big_acc - 0.01
+    assert info.flops < 0.7 * info.full_flops
+
+    # sweeping lam: a large multiplier buys cost with accuracy
+    cheap = NetworkSelectionPolicy().fit(c, outputs, lam=3.0)
+    acc_cheap, cost_cheap, exits_cheap = evaluate_policy(c, (xt, yt), cheap)
+    acc, cost, _ = evaluate_policy(c, (xt, yt), policy)
+    assert cost_cheap < 0.1 * cost and acc_cheap < acc - 0.1 and exits_cheap[0] == len(xt)
+
+    # the fitted policy lives in state_dict
+    clone = Cascade(task["models"], NetworkSelectionPolicy()).eval()
+    clone.load_state_dict(c.state_dict())
+    with torch.no_grad():
+        _, info2 = clone(xt, return_info=True)
+    assert torch.equal(info2.exit_index, e)
+
+
+def test_network_selection_bad_arguments(task):
+    c = Cascade(task["models"]).eval()
+    with pytest.raises(ValueError, match="lam"):
+        NetworkSelectionPolicy().fit(c, task["train"][:2], lam=-1.0)
+    with pytest.raises(ValueError, match="hidden"):
+        NetworkSelectionPolicy(hidden=-1)
+
+
+def test_calibrate_works_on_a_cascade(task):
+    calibration = pytest.importorskip("adaexit.calibration", reason="adaexit.calibration (issue 3) not in this tree")
+    x, y, _ = task["train"]
+    xt, yt, _ = task["test"]
+    c = Cascade(task["models"]).eval()
+    result = calibration.calibrate(c, (x, y), max_accuracy_drop=1.0, progress=False)
+    assert c.policy is result.policy
+    # the calibration simulation predicts exactly what the sparse cascade does on the same data
+    with torch.no_grad():
+        logits, info = c(x, return_info=True)
+    assert info.exit_counts == result.best.exit_counts
+    last_acc = float((c.models[2](x).argmax(1) == y).float().mean())
+    acc = float((logits.argmax(1) == y).float().mean())
+    assert 100 * (last_acc - acc) <= 1.0 + 1e-9
+    assert info.flops / len(x) == pytest.approx(result.best.cost)
+    assert info.flops / len(x) < 0.8 * sum(c.exit_costs(x)[0])  # cheaper than running every network
+    acc_t, _, _ = evaluate_policy(c, (xt, yt))
+    assert acc_t >= float((c.models[2](xt).argmax(1) == yt).float().mean()) - 0.03
+    # thresholds on the chain must run the useless middle network for every hard row; network
+    # selection skips it, so it is cheaper at the same accuracy
+    acc_sel, cost_sel, _ = evaluate_policy(c, (x, y), NetworkSelectionPolicy().fit(c, (x, y), lam=0.05))
+    assert cost_sel < 0.8 * result.best.cost and acc_sel >= acc - 0.005
+
+
+def test_a_fresh_cascade_loads_a_calibrated_threshold_policy():
+    torch.manual_seed(0)
+    models = [nn.Linear(6, 4), nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4))]
+    cascade = Cascade(models, ConfidencePolicy("maxprob", [0.4])).eval()
+    fresh = Cascade([copy.deepcopy(m) for m in models]).eval()  # default: never exit
+    fresh.load_state_dict(cascade.state_dict())
+    assert isinstance(fresh.policy, ConfidencePolicy) and fresh.policy.thresholds == [0.4]
+    x = torch.randn(64, 6) * 3
+    with torch.no_grad():
+        a, ia = cascade(x, return_info=True)
+        b, ib = fresh(x, return_info=True)
+    assert torch.equal(a, b) and torch.equal(ia.exit_index, ib.exit_index)
+    assert 0 < ia.exit_counts[0] < 64
