@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .cost import eval_mode
 from .early_exit import EarlyExitNet
 from .heads import ExitHead
 from .policies import Policy
@@ -39,15 +40,20 @@ def _split_classifier(children: list[tuple[str, nn.Module]]):
             "classifier; it becomes the last exit head"
         )
     body = children[:-1]
-    # A global average pool (output 1x1) and/or a flatten before the classifier is what the exit
-    # head's mean-pool does already, so they leave the backbone.
-    while body and (
-        isinstance(body[-1][1], nn.Flatten)
-        or (isinstance(body[-1][1], (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
-            and all(s == 1 for s in _as_tuple(body[-1][1].output_size)))
-    ):
+    # A global average pool (output 1) and the flatten after it are what the exit head's mean-pool
+    # does already, so they leave the backbone. A flatten without that pool stays: the head then
+    # reads the flattened [N, C*H*W] features.
+    if body and isinstance(body[-1][1], nn.Flatten) and len(body) >= 2 and _is_global_pool(body[-2][1]):
+        body = body[:-1]
+    if body and _is_global_pool(body[-1][1]):
         body = body[:-1]
     return body, classifier
+
+
+def _is_global_pool(module: nn.Module) -> bool:
+    return isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) and all(
+        s == 1 for s in _as_tuple(module.output_size)
+    )
 
 
 def _as_tuple(size) -> tuple:
@@ -122,7 +128,7 @@ def wrap(
 def _stage_widths(stages: list[nn.Module], example_input: torch.Tensor | None) -> list[int]:
     if example_input is not None:
         widths, h = [], example_input[:1]
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(*stages):  # a probe must not touch BatchNorm statistics
             for stage in stages:
                 h = stage(h)
                 widths.append(h.shape[1])
@@ -147,12 +153,9 @@ def _make_head(kind, width: int, num_classes: int, after: str) -> nn.Module:
 
 
 def _check_chain(model: nn.Module, wrapped: EarlyExitNet, example_input: torch.Tensor) -> None:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model, wrapped):  # a probe must not touch BatchNorm statistics
         expected = model(example_input)
         got = wrapped.exit_logits(example_input)[-1]
-    model.train(was_training)
     if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or not torch.allclose(
         expected.float(), got.float(), rtol=1e-4, atol=1e-4
     ):

@@ -43,7 +43,6 @@ network run alone, so ``lam = 1`` means "spending the biggest network once is wo
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import chain_flops, chain_latency, count_flops, time_call
+from .cost import chain_flops, chain_latency, count_flops, eval_mode, time_call
 from .early_exit import EarlyExitNet, ExitInfo, restore_policy_class, trace_flops
 from .executor import CARRY, SOURCE, Node, execute, validate_graph
 from .heads import LogitsHead
@@ -61,10 +60,10 @@ from .policies import NeverExitPolicy, Policy, RoutingPolicy
 __all__ = [
     "Cascade",
     "CascadeInfo",
+    "CascadeOracle",
     "CascadeOutputs",
     "FrontierPoint",
     "NetworkSelectionPolicy",
-    "OracleResult",
     "RoutingPolicy",
     "SelectorPolicy",
     "cascade_frontier",
@@ -81,18 +80,6 @@ __all__ = [
 # =============================================================================================
 # helpers
 # =============================================================================================
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Temporarily put ``module`` (and every submodule) in eval mode; restore each flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
 def _batches(data, batch_size: int | None = None, shuffle: bool = False, generator=None, device=None):
     """Yield ``(x, y)`` batches from a ``(x, y)`` pair of tensors or from an iterable of batches,
     moved to ``device`` when given."""
@@ -463,6 +450,10 @@ class Cascade(nn.Module):
             self.check_classes(example_input)
 
     # -- graph -------------------------------------------------------------------------------
+    def graph(self) -> list[Node]:
+        """The cascade as executor nodes (one per network, or per exit of an early-exit member)."""
+        return self._nodes
+
     @property
     def num_exits(self) -> int:
         """Number of nodes (every node is an exit)."""
@@ -518,7 +509,7 @@ class Cascade(nn.Module):
         """Run every node on one row of ``x`` (eval mode) and check they agree on the class count."""
         if x.shape[0] == 0:
             raise ValueError("check_classes needs at least one row")
-        with _eval_mode(self):
+        with eval_mode(self):
             self._check_logits(self._dense(x[:1]))
         return self.num_classes
 
@@ -572,7 +563,7 @@ class Cascade(nn.Module):
             return self._cost_cache[key]
         stage_costs = [0.0] * self.num_exits
         head_costs = [0.0] * self.num_exits
-        with _eval_mode(self):
+        with eval_mode(self):
             for _, model, ks in self._model_nodes():
                 if isinstance(model, EarlyExitNet):
                     if cost == "flops":
@@ -693,7 +684,7 @@ def collect_outputs(cascade: Cascade, data, cost: str = "flops", batch_size: int
     """Run every node densely (eval mode) on ``data`` and gather logits, labels and per-node costs."""
     chunks: list[list[torch.Tensor]] = [[] for _ in range(cascade.num_exits)]
     labels, first = [], None
-    with _eval_mode(cascade):
+    with eval_mode(cascade):
         for x, y in _batches(data, batch_size, device=_device(cascade)):
             if x.shape[0] == 0:
                 continue
@@ -713,7 +704,7 @@ def collect_outputs(cascade: Cascade, data, cost: str = "flops", batch_size: int
 
 
 @dataclass
-class OracleResult:
+class CascadeOracle:
     """The oracle's choice per example, its accuracy and its mean cost per example."""
 
     accuracy: float
@@ -721,7 +712,7 @@ class OracleResult:
     choice: torch.Tensor
 
 
-def cascade_oracle(node_logits: Sequence[torch.Tensor], labels: torch.Tensor, node_costs) -> OracleResult:
+def cascade_oracle(node_logits: Sequence[torch.Tensor], labels: torch.Tensor, node_costs) -> CascadeOracle:
     """Per example, the cheapest single node that classifies it correctly (skipping allowed: the cost is
     that node's own cost); if no node is right, the most expensive node (and the example is wrong).
 
@@ -739,12 +730,12 @@ def cascade_oracle(node_logits: Sequence[torch.Tensor], labels: torch.Tensor, no
     correct = torch.stack([lg.detach().cpu().argmax(1) == labels for lg in node_logits], dim=1)  # [N, K]
     n = correct.shape[0]
     if n == 0:
-        return OracleResult(float("nan"), float("nan"), torch.zeros(0, dtype=torch.long))
+        return CascadeOracle(float("nan"), float("nan"), torch.zeros(0, dtype=torch.long))
     priced = torch.where(correct, costs[None, :], torch.full_like(costs[None, :], math.inf))
     cheapest = priced.argmin(dim=1)
     any_right = correct.any(dim=1)
     choice = torch.where(any_right, cheapest, torch.full_like(cheapest, int(costs.argmax())))
-    return OracleResult(
+    return CascadeOracle(
         accuracy=float(any_right.double().mean()),
         mean_cost=float(costs[choice].mean()),
         choice=choice,
@@ -779,7 +770,7 @@ def evaluate_policy(cascade: Cascade, data, policy: Policy | None = None, cost: 
     exits = [0] * cascade.num_exits
     first = None
     try:
-        with _eval_mode(cascade):
+        with eval_mode(cascade):
             for x, y in _batches(data, batch_size, device=_device(cascade)):
                 if x.shape[0] == 0:
                     continue

@@ -13,15 +13,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 @contextmanager
 def eval_mode(*modules):
-    """Temporarily put modules in eval mode (BatchNorm cannot run a one-row batch in train mode)."""
-    modes = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
-    for m, _ in modes:
-        m.eval()
+    """Temporarily put modules (and every submodule) in eval mode, restoring each flag afterwards.
+
+    Counting FLOPs on one row needs it: BatchNorm cannot run a one-row batch in train mode.
+    """
+    flags = [(m, m.training) for module in modules if isinstance(module, nn.Module) for m in module.modules()]
+    for module in modules:
+        if isinstance(module, nn.Module):
+            module.eval()
     try:
-        yield
+        yield modules[0] if len(modules) == 1 else modules
     finally:
-        for m, training in modes:
-            m.train(training)
+        for m, training in flags:
+            m.training = training
 
 
 @torch.no_grad()
@@ -81,8 +85,12 @@ def chain_latency(
     n = max(1, batch.shape[0])
     h = batch
     stage_ms, head_ms = [], []
-    for stage, head in zip(stages, heads):
-        stage_ms.append(time_call(stage, h, repeats=repeats) / n)
-        h = stage(h)
-        head_ms.append(time_call(head, h, repeats=repeats) / n)
+    with eval_mode(*stages, *heads):  # timing must not update BatchNorm statistics
+        for stage, head in zip(stages, heads):
+            stage_ms.append(time_call(stage, h, repeats=repeats) / n)
+            h = stage(h)
+            # eval mode runs the head's fused gate where it has one
+            gate = getattr(head, "gate", None)
+            run_head = (lambda t, g=gate: g(t, "maxprob", 2.0)) if callable(gate) else head
+            head_ms.append(time_call(run_head, h, repeats=repeats) / n)
     return stage_ms, head_ms

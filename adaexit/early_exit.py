@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .cost import chain_flops, chain_latency
-from .executor import CARRY, ExecutionTrace, Node, execute
+from .executor import CARRY, SOURCE, ExecutionTrace, Node, execute
 from .policies import NeverExitPolicy, Policy, policy_from_state
 
 
@@ -87,17 +87,30 @@ class EarlyExitNet(nn.Module):
             raise ValueError(
                 f"EarlyExitNet needs one head per stage: got {len(stages)} stages and {len(heads)} heads"
             )
+        for k, head in enumerate(heads):
+            if not callable(getattr(head, "gate", None)):
+                raise ValueError(
+                    f"heads[{k}] is a {type(head).__name__}: exit heads must be adaexit.ExitHead (or any "
+                    "module with gate(h, criterion, threshold, gate=None), which eval mode calls)"
+                )
+        classes = [getattr(head, "num_classes", None) for head in heads]
+        for k, c in enumerate(classes[:-1]):
+            if c is not None and classes[-1] is not None and c != classes[-1]:
+                raise ValueError(f"exit head {k} predicts {c} classes but the last head predicts {classes[-1]}")
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
         self.policy = (policy or NeverExitPolicy()).bind(len(stages))
         self._flops_cache: dict = {}
-        # A stage/head pair as a graph node; the chain is linear, so successors are k + 1.
-        self._nodes = [
-            Node(f"stage {k}", stage, head, (k + 1,) if k + 1 < len(stages) else (), CARRY)
+        self.register_load_state_dict_pre_hook(restore_policy_class)
+
+    def graph(self) -> list[Node]:
+        """The chain as executor nodes, built from the current stages and heads (so replacing
+        ``stages[k]`` or ``heads[k]`` takes effect): stage ``k`` continues to ``k + 1``."""
+        last = self.num_exits - 1
+        return [
+            Node(f"stage {k}", stage, head, (k + 1,) if k < last else (), SOURCE if k == 0 else CARRY)
             for k, (stage, head) in enumerate(zip(self.stages, self.heads))
         ]
-        self._nodes[0].takes = "source"
-        self.register_load_state_dict_pre_hook(restore_policy_class)
 
     @property
     def num_exits(self) -> int:
@@ -113,9 +126,7 @@ class EarlyExitNet(nn.Module):
         try:
             return self.heads[k](h)
         except (RuntimeError, ValueError) as err:
-            raise ValueError(
-                f"exit head {k} does not fit the output of stage {k} (shape {tuple(h.shape)}): {err}"
-            ) from err
+            raise ValueError(f"exit head {k} failed on the output of stage {k} (shape {tuple(h.shape)}): {err}") from err
 
     def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's logits for every row (dense; what ``train()`` mode returns)."""
@@ -132,9 +143,7 @@ class EarlyExitNet(nn.Module):
         try:
             logits, route, state = self.policy.decide_route(k, node.head, h, state)
         except (RuntimeError, ValueError) as err:
-            raise ValueError(
-                f"exit head {k} does not fit the output of stage {k} (shape {tuple(h.shape)}): {err}"
-            ) from err
+            raise ValueError(f"exit head {k} failed on the output of stage {k} (shape {tuple(h.shape)}): {err}") from err
         return logits, route, state
 
     def flops(self, x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -143,6 +152,11 @@ class EarlyExitNet(nn.Module):
         if key not in self._flops_cache:
             self._flops_cache[key] = chain_flops(self.stages, self.heads, x)
         return self._flops_cache[key]
+
+    def _output_dtype(self) -> torch.dtype:
+        """The dtype the wrapped model returns: its last classifier's (the gate computes in fp32)."""
+        weight = getattr(getattr(self.heads[-1], "classifier", None), "weight", None)
+        return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
 
     def exit_costs(self, x: torch.Tensor, cost: str = "flops") -> tuple[list[float], list[float]]:
         """Per-example cost of each stage and each head: ``"flops"``, or ``"latency"`` (ms measured
@@ -159,7 +173,13 @@ class EarlyExitNet(nn.Module):
                 raise ValueError("return_info=True is only available in eval() mode")
             return self.exit_logits(x)
         state = self.policy.init_state(x.shape[0], x.device)
-        logits, trace = execute(self._nodes, x, self._route, state)
+        if torch.jit.is_tracing() and any(self.policy.needs_head(k) for k in range(self.num_exits - 1)):
+            raise ValueError(
+                "EarlyExitNet: sparse execution cannot be traced (sub-batch sizes depend on the data and "
+                "would be frozen into the trace); trace the plain model, or use NeverExitPolicy"
+            )
+        logits, trace = execute(self.graph(), x, self._route, state)
+        logits = logits.to(self._output_dtype())
         if not return_info:
             return logits
         if x.shape[0]:

@@ -85,8 +85,7 @@ def validate_graph(nodes: list[Node]) -> None:
                 raise ValueError(f"node {i} ({node.name}): successor {j} is not a later node")
         if not node.successors and node.head is None:
             raise ValueError(f"node {i} ({node.name}) has no successors and no exit head: rows would be lost")
-    if nodes[0].takes == CARRY:
-        nodes[0].takes = SOURCE  # the first node always reads the input
+    # (the first node always reads the input, whatever its ``takes`` says: nothing precedes it)
 
 
 def _take(t: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +103,10 @@ def _merge(parts: list[tuple], node: Node, index: int):
         raise ValueError(
             f"node {index} ({node.name}) receives inputs of different shapes from its predecessors"
         ) from err
-    state = {key: torch.cat([p[2][key] for p in parts]) for key in parts[0][2]}
+    keys = set(parts[0][2])
+    if any(set(p[2]) != keys for p in parts):
+        raise ValueError(f"node {index} ({node.name}) receives rows whose per-example state has different keys")
+    state = {key: torch.cat([p[2][key] for p in parts]) for key in keys}
     return rows, inputs, state
 
 
@@ -115,6 +117,7 @@ def execute(
 
     Every row gets exactly one prediction, written at its original position.
     """
+    validate_graph(nodes)
     n, device = x.shape[0], x.device
     trace = ExecutionTrace(
         exit_index=torch.full((n,), -1, dtype=torch.long, device=device),
@@ -160,6 +163,8 @@ def execute(
             sub_rows = _take(rows, sel)
             sub_state = {key: _take(v, sel) for key, v in st.items()}
             if r == 0:
+                if logits is None:
+                    raise ValueError(f"node {i} ({node.name}): rows exit here but the router gave no logits")
                 sub_logits = _take(logits, sel)
                 if out is None:
                     out = torch.empty((n, sub_logits.shape[1]), dtype=sub_logits.dtype, device=device)
@@ -169,7 +174,7 @@ def execute(
                         f"an earlier exit predicted {out.shape[1]}"
                     )
                 scatter_rows(out, sub_rows, sub_logits.to(out.dtype))
-                scatter_rows(trace.exit_index, sub_rows, torch.full((size,), i, dtype=torch.long, device=device))
+                trace.exit_index.index_fill_(0, sub_rows, i)
                 trace.exit_counts[i] += size
             else:
                 target = node.successors[r - 1]

@@ -130,8 +130,15 @@ class ConfidencePolicy(Policy):
         return {"criterion": self.criterion, "thresholds": list(self.thresholds)}
 
     def load_settings(self, settings):
-        self.criterion = settings["criterion"]
-        self.thresholds = _finite_thresholds(settings["thresholds"])
+        criterion, thresholds = settings.get("criterion"), _finite_thresholds(settings.get("thresholds", ()))
+        if criterion not in CRITERIA or criterion == "learned":
+            raise ValueError(f"ConfidencePolicy: the saved criterion {criterion!r} is not maxprob/margin/entropy")
+        if self.num_exits is not None and len(thresholds) != self.num_exits - 1:
+            raise ValueError(
+                f"ConfidencePolicy: the saved state has {len(thresholds)} thresholds, the model has "
+                f"{self.num_exits} exits (needs {self.num_exits - 1})"
+            )
+        self.criterion, self.thresholds = criterion, thresholds
 
     def extra_repr(self) -> str:
         return f"criterion={self.criterion!r}, thresholds={[round(t, 4) for t in self.thresholds]}"

@@ -40,7 +40,6 @@ from torch import nn
 from .cost import count_flops
 from .executor import CARRY, SOURCE, Node, execute, validate_graph
 from .heads import ExitHead, mean_pool
-from .kernels import backend_for
 
 
 class Controller(nn.Module):
@@ -240,11 +239,6 @@ class D2NN(nn.Module):
             raise ValueError("x must be a tensor with a batch dimension")
         sample = self.training if sample is None else bool(sample)
         n, device = x.shape[0], x.device
-        if torch.is_grad_enabled() and n and backend_for(device) == "triton":
-            raise ValueError(
-                f"D2NN training on {device} needs autograd through the row gather/scatter kernels, which the "
-                "Triton kernels do not provide yet: set ADAEXIT_BACKEND=torch, or run under torch.no_grad()"
-            )
         if n == 0:
             classes = getattr(self.nodes[-1].head, "num_classes", 0)
             empty = torch.zeros(0, device=device)

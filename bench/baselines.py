@@ -88,10 +88,10 @@ def plain(model) -> Strategy:
 
 def _graph(model):
     """The model's conditional-execution graph and router, when it exposes them (EarlyExitNet does)."""
-    nodes, router = getattr(model, "_nodes", None), getattr(model, "_route", None)
-    if nodes is None or router is None:
+    graph, router = getattr(model, "graph", None), getattr(model, "_route", None)
+    if graph is None or router is None:
         return None
-    return nodes, router
+    return graph(), router
 
 
 def execute_dense(nodes, x: torch.Tensor, router, state: dict | None = None):

@@ -157,9 +157,9 @@ def instrument(model, timer: Timer, counts: dict):
     them and restored on exit; the library's own code runs unchanged. Host syncs (``to_host``) are
     timed on the host clock: that is the time the CPU waits for the device.
     """
-    nodes = getattr(model, "_nodes", None)
+    nodes = model.graph() if hasattr(model, "graph") else None
     if nodes is None:
-        raise ValueError(f"profile: {type(model).__name__} exposes no execution graph (_nodes)")
+        raise ValueError(f"profile: {type(model).__name__} exposes no execution graph (graph())")
     saved = [(mod, attr, getattr(mod, attr)) for mod, attr in _PATCH_SITES]
     saved.append((_executor, "to_host", _executor.to_host))
     sync_ms: list[float] = []
@@ -227,7 +227,7 @@ def _kind(name: str) -> str:
 
 def decision_points(model, info) -> int:
     """Decision points that ran: nodes with successors whose router decided on at least one row."""
-    nodes = model._nodes
+    nodes = model.graph()
     decided = getattr(info, "rows_decided", None)
     if decided is None:  # EarlyExitNet's info: a node decided if it ran and its policy needed its head
         policy = model.policy
@@ -340,7 +340,7 @@ def profile_model(model, x: torch.Tensor, repeats: int = 10, compaction_repeats:
     report["syncs_equal_decision_points"] = report["host_syncs_per_forward"] == report["decision_points"]
     # Compaction of the first decision point's survivors, on what the executor really moves there:
     # the features for a "carry" successor (a backbone stage), the input rows for a "source" one.
-    nodes = model._nodes
+    nodes = model.graph()
     h = nodes[0].module(x)
     _, route, _ = model._route(0, nodes[0], h, model.policy.init_state(x.shape[0], device))
     keep = route != 0 if route is not None else None

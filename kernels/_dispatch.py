@@ -53,7 +53,13 @@ def backend_for(device: torch.device | str) -> str:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op called on ``tensors`` should launch its Triton kernel."""
+    """Whether an op called on ``tensors`` should launch its Triton kernel.
+
+    The Triton kernels have no backward: a call that autograd must differentiate (grad mode on and an
+    input that requires grad) uses the torch reference, so gradients are never silently dropped.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
     return backend_for(tensors[0].device) == "triton"
 
 

@@ -452,7 +452,7 @@ def _launch(h, weight, bias, criterion, threshold, gate, N, D, K):
 def exit_gate(h, weight, bias=None, *, criterion="maxprob", threshold=1.0, gate=None):
     """Fused exit gate; see the module docstring. Returns ``(logits fp32 [N, K], score fp32 [N], exit_mask bool [N])``."""
     N, D, K = _validate(h, weight, bias, criterion, gate)
-    if not use_triton(h):
+    if not use_triton(h, weight, bias):
         return exit_gate_torch(h, weight, bias, criterion=criterion, threshold=threshold, gate=gate)
     return _launch(h, weight, bias, criterion, threshold, gate, N, D, K)
 

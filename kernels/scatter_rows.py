@@ -142,7 +142,7 @@ def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> t
         index: ``[n]`` int64/int32 distinct row indices in ``[0, M)``.
         src: ``[n, *T]`` rows, same dtype and device as ``out``, any strides.
     """
-    if not use_triton(out):
+    if not use_triton(out, src):
         return scatter_rows_torch(out, index, src)
     _check(out, index, src)
     n, M, trail = index.numel(), out.shape[0], list(out.shape[1:])

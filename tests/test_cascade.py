@@ -213,7 +213,7 @@ def test_confidence_per_example_equivalence(kind, n, criterion, data):
 @pytest.mark.parametrize("kind", KINDS)
 def test_rows_routed_past_a_node_never_run_it(kind):
     c = build(kind, ConfidencePolicy("maxprob", [0.6] * (build(kind).num_exits - 1)))
-    nodes = c._nodes
+    nodes = c.graph()
     x = inputs(200, seed=3)
     scores, _ = dense_scores(c, x, "maxprob")
     expected = first_exit(scores, [0.6] * (c.num_exits - 1))
@@ -253,7 +253,7 @@ def test_skip_past_the_rest_of_an_early_exit_net():
     c.exit_costs(x)
     with torch.no_grad():
         dense = torch.stack(c.exit_logits(x))
-    counters = [RowCounter(node.module) for node in c._nodes]
+    counters = [RowCounter(node.module) for node in c.graph()]
     route0 = torch.tensor([0, 1, 2] * 6 + [2, 2])
     c.set_policy(TablePolicy([route0, torch.tensor([0, 1] * 10)]))
     with torch.no_grad():
@@ -278,7 +278,7 @@ def test_random_multiway_routes(kind, n, seed):
         dense = torch.stack(c.exit_logits(x)) if n else None
     if n:
         c.exit_costs(x)
-    counters = [RowCounter(node.module) for node in c._nodes]
+    counters = [RowCounter(node.module) for node in c.graph()]
     with torch.no_grad():
         logits, info = c(x, return_info=True)
     exits, visited = follow(table, c.successors, n)

@@ -248,10 +248,49 @@ def test_head_count_must_match_stage_count():
 
 def test_heads_disagreeing_on_classes_is_an_error():
     stages = [nn.Linear(12, 16), nn.Linear(16, 8)]
-    heads = [ExitHead(16, 3), ExitHead(8, 4)]
-    model = EarlyExitNet(stages, heads, ConfidencePolicy("maxprob", [0.4])).eval()
-    with pytest.raises(ValueError, match="classes"):
-        model(torch.randn(50, 12) * 5)
+    with pytest.raises(ValueError, match="exit head 0 predicts 3 classes but the last head predicts 4"):
+        EarlyExitNet(stages, [ExitHead(16, 3), ExitHead(8, 4)])
+
+
+def test_heads_must_have_a_gate():
+    with pytest.raises(ValueError, match=r"heads\[0\] is a Linear"):
+        EarlyExitNet([nn.Linear(12, 16), nn.Linear(16, 8)], [nn.Linear(16, 4), ExitHead(8, 4)])
+
+
+def test_replacing_a_head_takes_effect_in_eval():
+    model = mlp_net(ConfidencePolicy("maxprob", [0.0, 0.0]))
+    model.heads[0] = ExitHead(16, CLASSES)
+    x = inputs("mlp", 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.exit_logits(x)[0])
+
+
+def test_half_precision_model_returns_its_own_dtype():
+    model = mlp_net(NeverExitPolicy()).to(torch.bfloat16)
+    x = inputs("mlp", 7).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(x)
+        plain = model.heads[-1](nn.Sequential(*model.stages)(x))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.argmax(1), plain.argmax(1))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_tracing_sparse_execution_is_refused():
+    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    with pytest.raises(ValueError, match="cannot be traced"):
+        torch.jit.trace(model, inputs("mlp", 4))
+
+
+def test_saved_policy_settings_are_validated_on_load():
+    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    state = model.state_dict()
+    state["policy._extra_state"] = {"policy": "ConfidencePolicy", "criterion": "maxprob", "thresholds": [0.1]}
+    with pytest.raises(ValueError, match="1 thresholds"):
+        model.load_state_dict(state)
+    state["policy._extra_state"] = {"policy": "ConfidencePolicy", "criterion": "bogus", "thresholds": [0.1, 0.1]}
+    with pytest.raises(ValueError, match="bogus"):
+        model.load_state_dict(state)
 
 
 def test_policy_lives_in_state_dict():

@@ -106,7 +106,7 @@ def test_instrumentation_is_transparent():
     assert torch.equal(got, expected)
     assert counts["partition"] == 2 and counts["stage 0"] == 1
     assert (executor.partition, executor.gather_rows, executor.scatter_rows, executor.to_host, heads.exit_gate) == originals
-    assert not model._nodes[0].module._forward_hooks and not model._nodes[0].module._forward_pre_hooks
+    assert not model.graph()[0].module._forward_hooks and not model.graph()[0].module._forward_pre_hooks
 
 
 def test_timers():

@@ -122,3 +122,22 @@ def test_custom_head_factory_and_bad_head_kind():
     assert calls == [(8, 10)]
     with pytest.raises(ValueError, match="head must be one of"):
         wrap(sequential_cnn(), exits=["1"], head="mlp")
+
+
+def test_wrap_probes_do_not_touch_batchnorm_statistics():
+    model = torchvision.models.resnet18(num_classes=10)  # train mode, as built
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    wrap(model, exits=["layer1"], head="conv", example_input=torch.randn(2, 3, 32, 32))
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert model.training  # and the mode is restored
+
+
+def test_flatten_without_global_pool_stays_in_the_backbone():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    ).eval()
+    wrapped = wrap(model, exits=["1"], example_input=torch.randn(2, 1, 12, 12)).eval()
+    x = torch.randn(5, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), model(x))
