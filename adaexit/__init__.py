@@ -1,31 +1,75 @@
 """adaexit: adaptive inference for PyTorch with genuinely sparse execution at batch size > 1.
 
-Public API:
+One executor (:mod:`adaexit.executor`) runs every method sparsely on the Triton kernels of
+:mod:`adaexit.kernels`; the modules below only build graphs and decide routes.
 
-* :class:`EarlyExitNet`, :func:`wrap` - early-exit networks (drop-in for the model they wrap).
-* :class:`ExitHead` - exit heads (pooled linear, or conv + pooled linear).
-* :class:`ConfidencePolicy`, :class:`PatiencePolicy`, :class:`NeverExitPolicy` - exit policies.
-* :mod:`adaexit.kernels` - the Triton kernels (exit gate, partition, gather/scatter, compact).
+* early exit: :class:`EarlyExitNet`, :func:`wrap`, :class:`ExitHead`
+* policies: :class:`ConfidencePolicy`, :class:`PatiencePolicy`, :class:`LearnedPolicy`,
+  :class:`NeverExitPolicy`, :class:`RoutingPolicy`
+* calibration: :func:`calibrate` (the accuracy/cost frontier under an accuracy budget)
+* training: :class:`MultiExitLoss`, :func:`train`, :func:`train_classifier`
+* cascades / network selection: :class:`Cascade`, :class:`NetworkSelectionPolicy`,
+  :class:`SelectorPolicy`, :func:`train_reinforce`, :func:`cascade_oracle`
+* anytime prediction: :class:`AnytimeRunner`, :func:`anytime_predict`, :func:`anytime_curve`, :class:`EANN`
+* dynamic routing (D2NN): :class:`D2NN`, :class:`Controller`, :class:`D2NNTrainer` and the topology builders
 """
 
 from .adapters import wrap
+from .anytime import EANN, AnytimeInfo, AnytimeRunner, anytime_curve, anytime_predict
+from .calibration import CalibrationPoint, CalibrationResult, calibrate, oracle
+from .cascade import Cascade, NetworkSelectionPolicy, SelectorPolicy, cascade_oracle, train_reinforce
 from .early_exit import EarlyExitNet, ExitInfo
 from .executor import Node, execute
 from .heads import ExitHead, LogitsHead
-from .policies import ConfidencePolicy, NeverExitPolicy, PatiencePolicy, Policy
+from .policies import (
+    ConfidencePolicy,
+    LearnedPolicy,
+    NeverExitPolicy,
+    PatiencePolicy,
+    Policy,
+    RoutingPolicy,
+)
+from .routing import D2NN, Controller, D2NNTrainer, cascade_d2nn, chain_d2nn, hierarchy_d2nn, high_low_d2nn
+from .training import MultiExitLoss, train, train_classifier
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnytimeInfo",
+    "AnytimeRunner",
+    "CalibrationPoint",
+    "CalibrationResult",
+    "Cascade",
     "ConfidencePolicy",
+    "Controller",
+    "D2NN",
+    "D2NNTrainer",
+    "EANN",
     "EarlyExitNet",
     "ExitHead",
     "ExitInfo",
+    "LearnedPolicy",
     "LogitsHead",
+    "MultiExitLoss",
+    "NetworkSelectionPolicy",
     "NeverExitPolicy",
     "Node",
     "PatiencePolicy",
     "Policy",
+    "RoutingPolicy",
+    "SelectorPolicy",
+    "anytime_curve",
+    "anytime_predict",
+    "calibrate",
+    "cascade_d2nn",
+    "cascade_oracle",
+    "chain_d2nn",
     "execute",
+    "hierarchy_d2nn",
+    "high_low_d2nn",
+    "oracle",
+    "train",
+    "train_classifier",
+    "train_reinforce",
     "wrap",
 ]

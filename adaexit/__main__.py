@@ -13,6 +13,7 @@ def info() -> str:
     import torch
 
     from . import __version__
+    from .cost import device_name
     from .kernels import _dispatch
 
     try:
@@ -33,7 +34,7 @@ def info() -> str:
     ]
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for device in devices:
-        name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+        name = device_name(device)
         try:
             backend = _dispatch.backend_for(device)
         except RuntimeError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from contextlib import contextmanager
 from typing import Callable, Sequence
@@ -50,6 +51,21 @@ def chain_flops(stages: Sequence[nn.Module], heads: Sequence[nn.Module], example
             h = stage(h)
         head_flops.append(float(count_flops(head, h)))
     return stage_flops, head_flops
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """A human name for ``device``: the GPU's name, or the CPU model from ``/proc/cpuinfo``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def _sync(device: torch.device) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead
+from adaexit.cost import device_name
 from adaexit.kernels import exit_gate_torch
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,23 +234,12 @@ def median(values: Sequence[float]) -> float:
 # Reporting
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(device: torch.device | str = "cpu") -> dict:
     """What every result carries: the device name, cores and threads, library versions."""
     device = torch.device(device)
     info = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": device_name(device),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
