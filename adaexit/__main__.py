@@ -6,6 +6,8 @@ import argparse
 import platform
 import sys
 
+from .demo import add_arguments, run
+
 
 def info() -> str:
     """Versions, the kernel backend chosen per device, and whether Triton's interpreter is on."""
@@ -52,18 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = commands.add_parser(
         "demo", help="train, calibrate and measure adaptive models on Fashion-MNIST"
     )
-    try:
-        from .demo import add_arguments
-    except ImportError:  # the demo module is optional until its dependencies are present
-        add_arguments = None
-    if add_arguments is not None:
-        add_arguments(demo_parser)
+    add_arguments(demo_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
-    from .demo import run
-
     return run(args)
 
 

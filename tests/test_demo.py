@@ -1,0 +1,145 @@
+"""The demo end to end (``--smoke``: tiny networks, a few steps, small subsets) and its pieces."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from adaexit import demo
+from adaexit.data import DEFAULT_DIR
+
+REAL = DEFAULT_DIR / "train-images-idx3-ubyte.gz"
+needs_data = pytest.mark.skipif(
+    not REAL.is_file(),
+    reason=f"Fashion-MNIST not installed at {DEFAULT_DIR} (apt-get install dataset-fashion-mnist)",
+)
+
+
+def parse(*argv):
+    return demo.add_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+@needs_data
+def test_smoke_run_writes_results_and_plots(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = parse("--smoke", "--out", str(out), "--cache", str(cache), "--repeats", "1", "--no-progress")
+    assert demo.run(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    best = results["best"]
+    assert {"accuracy_drop_pp", "speedup", "system", "reference"} <= set(best)
+    assert best["speedup"] > 0 and abs(best["accuracy_drop_pp"]) <= 100
+    assert best["system"] in ("early_exit", "cascade", "combination")
+    for name in ("early_exit", "cascade", "combination"):
+        r = results["results"][name]
+        # every test image got exactly one exit
+        assert sum(r["exit_counts"]) == results["data"]["test"]
+        assert len(r["exit_counts"]) == len(r["exit_names"])
+        assert r["time_s"] > 0 and r["flops_per_example"] > 0
+        assert r["accuracy_drop_pp"] == pytest.approx(r["new_errors_pp"] - r["fixed_pp"])
+    ref = results["results"][results["reference"]]
+    assert ref["speedup"] == pytest.approx(1.0) and ref["accuracy_drop_pp"] == pytest.approx(0.0)
+    try:
+        import matplotlib  # noqa: F401  (optional: without it the demo writes results.json only)
+    except ImportError:
+        assert results["plots"] == {}
+    else:
+        assert set(results["plots"].values()) == {"frontier.png", "exits.png"}
+        for plot in ("frontier.png", "exits.png"):
+            assert (out / plot).stat().st_size > 1000
+            assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best (chosen on validation)" in capsys.readouterr().out
+    assert len(list(cache.glob("*.pt"))) == 3  # one checkpoint per network
+
+
+def test_missing_data_exits_with_a_clear_message(tmp_path, capsys):
+    args = parse("--smoke", "--data", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache"))
+    assert demo.run(args) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "--data" in err
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--repeats", "--batch-size"])
+def test_bad_options_are_value_errors(tmp_path, option):
+    with pytest.raises(ValueError, match=option):
+        demo.run(parse("--smoke", option, "0", "--cache", str(tmp_path)))
+
+
+def test_checkpoints_are_cached_and_reloaded(tmp_path):
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.randint(10, (64,))
+    cfg = demo.NetConfig("mlp", "mlp", 8, 1, 1e-3, batch_size=32, max_steps=2)
+    first, rec1 = demo.train_or_load(cfg, (x, y), tmp_path, "tag", 0, retrain=False, progress=False)
+    second, rec2 = demo.train_or_load(cfg, (x, y), tmp_path, "tag", 0, retrain=False, progress=False)
+    assert not rec1["cached"] and rec2["cached"]
+    for (k, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), k
+    # any setting that changes the network changes the cache key
+    other = demo.NetConfig("mlp", "mlp", 8, 2, 1e-3, batch_size=32, max_steps=2)
+    assert other.key("tag", 0) != cfg.key("tag", 0) and cfg.key("tag", 1) != cfg.key("tag", 0)
+    _, rec3 = demo.train_or_load(cfg, (x, y), tmp_path, "tag", 0, retrain=True, progress=False)
+    assert not rec3["cached"]
+
+
+def test_time_passes_reports_the_median_of_interleaved_repeats():
+    calls = []
+    fns = {"a": lambda xb: calls.append(("a", xb)), "b": lambda xb: calls.append(("b", xb))}
+    out = demo.time_passes(fns, [1, 2], repeats=3, warmup=1)
+    assert len(calls) == 2 * 2 * 4  # 2 functions x 2 batches x (1 warmup + 3 repeats)
+    assert calls[0][0] == "a" and calls[4][0] == "b"  # the order rotates between rounds
+    for name in fns:
+        ts = out[name]["all_s"]
+        assert len(ts) == 3 and out[name]["median_s"] == sorted(ts)[1]
+
+
+def test_zoo_costs_increase_and_the_plain_network_is_the_last_exit():
+    from adaexit.cost import count_flops
+    from adaexit.models import mlp, plain_network, small_cnn, wide_cnn
+
+    x = torch.randn(5, 1, 28, 28)
+    nets = [mlp().eval(), small_cnn().eval(), wide_cnn().eval()]
+    flops = [count_flops(n, x[:1]) for n in nets[:2]] + [count_flops(plain_network(nets[2]), x[:1])]
+    assert flops[0] < flops[1] < flops[2] and flops[2] > 10 * flops[1]  # a genuinely expensive reference
+    for net in nets:
+        assert net(x).shape == (5, 10)
+    wide = nets[2]
+    # never-exit early-exit forward == the plain network == the dense last exit
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), plain_network(wide)(x))
+        torch.testing.assert_close(wide.exit_logits(x)[-1], plain_network(wide)(x))
+    for bad in (lambda: mlp(0), lambda: small_cnn(0), lambda: wide_cnn(1), lambda: plain_network(nets[0])):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_select_policy_bounds_new_errors_and_matches_calibrate_on_the_net_rule():
+    from torch import nn
+
+    from adaexit import EarlyExitNet, ExitHead
+    from adaexit.calibration import calibrate
+    from adaexit.data import make_loader
+    from adaexit.training import train
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 6, generator=g) * 1.5
+    y = torch.randint(4, (600,), generator=g)
+    x = centers[y] + torch.randn(600, 6, generator=g)
+    stages = [nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU())]
+    model = EarlyExitNet(stages, [ExitHead(16, 4), ExitHead(16, 4)])
+    train(model, make_loader(x[:400], y[:400], 50), epochs=3, lr=1e-2, progress=False)
+    model.eval()
+    val = (x[400:], y[400:])
+    result = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",))
+
+    net = demo.select_policy(model, result, val, 2.0, "net")
+    assert net.point.cost == result.best.cost  # the net rule is calibrate's own choice
+    chosen = demo.select_policy(model, result, val, 2.0, "new_errors")
+    assert chosen.new_errors_pp <= 2.0 and chosen.net_drop_pp <= chosen.new_errors_pp
+    assert chosen.point.cost >= net.point.cost  # the conservative rule never buys more speed
+    assert chosen.net_drop_pp == pytest.approx(chosen.point.accuracy_drop_pp)
+    # the deployed policy is the chosen one: the sparse forward reproduces the simulated accuracy
+    with torch.no_grad():
+        acc = float((model(val[0]).argmax(1) == val[1]).double().mean())
+    assert acc == pytest.approx(chosen.point.accuracy)
+    with pytest.raises(ValueError, match="measure"):
+        demo.select_policy(model, result, val, 2.0, "gross")
