@@ -46,6 +46,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .data import batches as _batches
 from .cost import chain_latency
 from .early_exit import EarlyExitNet
 from .executor import CARRY, SOURCE, Node, execute
@@ -428,17 +429,6 @@ def _runner(model) -> AnytimeRunner:
 def anytime_predict(model, x, budget_flops=None, deadline_ms=None, per_example_budget=None):
     """Anytime prediction with the model's shared :class:`AnytimeRunner`; see :meth:`AnytimeRunner.predict`."""
     return _runner(model).predict(x, budget_flops, deadline_ms, per_example_budget)
-
-
-def _batches(data, batch_size: int):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        xs, ys = data
-        if xs.shape[0] != ys.shape[0]:
-            raise ValueError(f"data: {xs.shape[0]} inputs but {ys.shape[0]} labels")
-        for i in range(0, xs.shape[0], batch_size):
-            yield xs[i : i + batch_size], ys[i : i + batch_size]
-    else:
-        yield from data
 
 
 def anytime_curve(model, data, budgets: Iterable[float], per_example: bool = True, batch_size: int = 256):

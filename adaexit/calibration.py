@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import batches as _batches
 from .kernels import exit_gate_torch
 from .policies import ConfidencePolicy, LearnedPolicy, NeverExitPolicy, Policy
 
@@ -607,20 +608,6 @@ class CalibrationResult:
 # =============================================================================================
 # calibrate
 # =============================================================================================
-def _batches(data, batch_size: int) -> Iterable:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"data: x has {x.shape[0]} rows but y has {y.shape[0]}")
-        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-    try:
-        iter(data)
-    except TypeError as err:
-        raise ValueError(f"data must be an iterable of (x, y) batches or a tuple (x, y) of tensors, got "
-                         f"{type(data).__name__}") from err
-    return data
-
-
 def _check_protocol(model) -> None:
     missing = [name for name in PROTOCOL if not hasattr(model, name)]
     if missing:

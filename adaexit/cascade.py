@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import batches as _batches
 from .cost import chain_flops, chain_latency, count_flops, eval_mode, time_call
 from .early_exit import EarlyExitNet, ExitInfo, restore_policy_class, trace_flops
 from .executor import CARRY, SOURCE, Node, execute, validate_graph
@@ -80,31 +81,6 @@ __all__ = [
 # =============================================================================================
 # helpers
 # =============================================================================================
-def _batches(data, batch_size: int | None = None, shuffle: bool = False, generator=None, device=None):
-    """Yield ``(x, y)`` batches from a ``(x, y)`` pair of tensors or from an iterable of batches,
-    moved to ``device`` when given."""
-    for x, y in _raw_batches(data, batch_size, shuffle, generator):
-        yield (x, y) if device is None else (x.to(device), y.to(device))
-
-
-def _raw_batches(data, batch_size, shuffle, generator):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"data: x has {x.shape[0]} rows but y has {y.shape[0]}")
-        n = x.shape[0]
-        size = batch_size or max(1, n)
-        index = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, size):
-            sel = index[start : start + size].to(x.device)
-            yield x[sel], y[sel.to(y.device)]
-        return
-    for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError("data must be an (x, y) pair of tensors or an iterable of (x, y) batches")
-        yield batch[0], batch[1]
-
-
 def prob_features(logits: torch.Tensor, top_k: int = 3) -> torch.Tensor:
     """Class-agnostic statistics of a node's softmax output, the input of the learned policies.
 

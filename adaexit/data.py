@@ -164,6 +164,35 @@ def train_val_split(x: torch.Tensor, y: torch.Tensor, val_size: int | float = 50
 
 
 
+def batches(data, batch_size: int | None = None, shuffle: bool = False, generator=None, device=None):
+    """Yield ``(x, y)`` batches from an ``(x, y)`` pair of tensors or from an iterable of batches
+    (a ``DataLoader``, a :class:`TensorLoader`, a list), moved to ``device`` when given.
+
+    Every adaexit function that takes ``data`` reads it through here. For tensors, ``batch_size``
+    rows at a time (all at once if None), optionally in a random order drawn from ``generator``.
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"data: x has {x.shape[0]} rows but y has {y.shape[0]}")
+        n = x.shape[0]
+        size = int(batch_size or max(1, n))
+        index = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        pairs = ((x[sel.to(x.device)], y[sel.to(y.device)]) for sel in index.split(size))
+    else:
+        try:
+            pairs = iter(data)
+        except TypeError as err:
+            raise ValueError(
+                f"data must be an (x, y) pair of tensors or an iterable of (x, y) batches, got {type(data).__name__}"
+            ) from err
+    for batch in pairs:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("data must be an (x, y) pair of tensors or an iterable of (x, y) batches")
+        inputs, labels = batch[0], batch[1]
+        yield (inputs, labels) if device is None else (inputs.to(device), labels.to(device))
+
+
 class TensorLoader:
     """Mini-batches ``(x[idx], y[idx])`` over in-memory tensors: a lean stand-in for a ``DataLoader``.
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import batches as _batches
 from .cost import count_flops
 from .executor import CARRY, SOURCE, Node, execute, validate_graph
 from .heads import ExitHead, mean_pool
@@ -430,19 +431,6 @@ class D2NNTrainer:
             if logs:
                 history.append({k: sum(d[k] for d in logs) / len(logs) for k in logs[0]} | {"warmup": warm})
         return history
-
-
-def _batches(data, batch_size: int, shuffle: bool) -> Iterable:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        xs, ys = data
-        if xs.shape[0] != ys.shape[0]:
-            raise ValueError(f"data: {xs.shape[0]} inputs but {ys.shape[0]} labels")
-        order = torch.randperm(xs.shape[0]) if shuffle else torch.arange(xs.shape[0])
-        for i in range(0, xs.shape[0], batch_size):
-            idx = order[i : i + batch_size].to(xs.device)
-            yield xs[idx], ys[idx]
-    else:
-        yield from data
 
 
 # -- builders for the paper's topologies (small MLP blocks) ----------------------------------------

@@ -171,3 +171,23 @@ def test_real_fashion_mnist_files():
     assert torch.bincount(y).tolist() == [6000] * 10 and torch.bincount(yt).tolist() == [1000] * 10
     # the normalisation constants are the training set's statistics
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1.0) < 1e-3
+
+
+def test_batches_reads_tensor_pairs_and_iterables_alike():
+    from adaexit.data import batches
+
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    chunks = list(batches((x, y), 4))
+    assert [c[0].shape[0] for c in chunks] == [4, 4, 2]
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)
+    shuffled = list(batches((x, y), 3, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    ys = torch.cat([c[1] for c in shuffled])
+    assert sorted(ys.tolist()) == list(range(10)) and not torch.equal(ys, y)
+    assert all(torch.equal(c[0].squeeze(1).long(), c[1]) for c in shuffled)  # rows stay paired
+    assert [len(c[0]) for c in batches([(x[:3], y[:3]), (x[3:], y[3:])])] == [3, 7]
+    with pytest.raises(ValueError, match="rows"):
+        list(batches((x, y[:5])))
+    with pytest.raises(ValueError, match="iterable of \\(x, y\\) batches"):
+        list(batches(42))
+    with pytest.raises(ValueError, match="iterable of \\(x, y\\) batches"):
+        list(batches([x]))
