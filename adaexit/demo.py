@@ -13,9 +13,10 @@ The flow:
    :func:`adaexit.calibration.calibrate`, which evaluates hundreds of candidate policies (uniform and
    per-exit confidence thresholds, learned gates), then deploy the cheapest candidate whose *new-error
    rate* -- images the system's last exit (the strongest network) classifies correctly and the system
-   does not -- is within ``--budget`` percentage points (see :func:`select_policy` for why this, and
-   not the net accuracy difference, is what the demo bounds; ``--drop-measure net`` restores
-   calibrate's own rule). The systems:
+   does not -- is within ``--budget`` percentage points (``calibrate(..., drop="new_errors")``; see
+   its docstring for why this, and not the net accuracy difference, is what the demo bounds:
+   validation is a split of the training images, easier than the test set, and the net rule
+   collects lucky fixes there; ``--drop-measure net`` bounds the net drop instead). The systems:
 
    * ``early_exit``: the wide CNN with its early exits;
    * ``cascade``: MLP -> small CNN -> wide CNN (whole networks; Bolukbasi et al.'s network selection
@@ -48,6 +49,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .calibration import DROP_MEASURES
 
 TARGET_SPEEDUP = 3.0
 TARGET_DROP_PP = 0.5
@@ -285,77 +288,6 @@ def time_passes(fns: dict, batches, repeats: int, warmup: int = 1) -> dict[str, 
     return out
 
 
-# -- policy selection -------------------------------------------------------------------------------
-DROP_MEASURES = ("new_errors", "net")
-
-
-@dataclass
-class Selection:
-    """The policy the demo deploys for one system, with its validation statistics (percentages)."""
-
-    point: object  # adaexit.calibration.CalibrationPoint
-    net_drop_pp: float  # reference accuracy - system accuracy
-    new_errors_pp: float  # images the reference gets right and the system gets wrong
-    fixed_pp: float  # images the reference gets wrong and the system gets right
-    measure: str
-
-    def to_dict(self) -> dict:
-        return {"measure": self.measure, "net_drop_pp": self.net_drop_pp, "new_errors_pp": self.new_errors_pp,
-                "fixed_pp": self.fixed_pp, "point": self.point.to_dict()}
-
-
-def select_policy(model, result, data, budget: float, measure: str = "new_errors", batch_size: int = 256) -> Selection:
-    """Pick, among every candidate :func:`~adaexit.calibration.calibrate` evaluated, the cheapest policy
-    within ``budget`` percentage points on ``data``, and set it on ``model``.
-
-    ``measure="net"`` is calibrate's own rule: accuracy of the last exit minus accuracy of the system.
-    ``measure="new_errors"`` (the demo's default) counts only the images the last exit classifies
-    correctly and the system does not. The net rule subtracts the images a cheap exit gets right
-    although the strongest network is wrong; on the validation split those are partly luck, and the
-    candidate search favours the policies that collect the most of them. Measured on this demo's
-    networks, policies chosen at a net drop of 0.3-0.45 pp on validation lost 0.7-0.9 pp on the test
-    set; bounding new errors instead (never smaller than the net drop) kept the test drop within
-    the budget. It is a conservative rule, not a guarantee: the test set is a little harder than a
-    split of the training images (every network here is ~1 pp less accurate on it).
-    """
-    from .calibration import collect_exit_logits, exit_scores, learned_scores, learned_thresholds, simulate
-
-    if measure not in DROP_MEASURES:
-        raise ValueError(f"measure must be one of {DROP_MEASURES}, got {measure!r}")
-    collected = collect_exit_logits(model, data, "flops", progress=False, batch_size=batch_size)
-    stack, labels, stage_costs, head_costs = collected[:4]
-    k_exits, n = stack.shape[0], stack.shape[1]
-    correct = stack.argmax(dim=2) == labels
-    ref = correct[-1]
-    rows = torch.arange(n)
-    scores_cache: dict = {}
-    candidates = []
-    for point in result.points:
-        if point.kind == "never":
-            exit_index = torch.full((n,), k_exits - 1, dtype=torch.long)
-        else:
-            if point.kind == "learned":
-                scores, thresholds = learned_scores(stack, point.gates), learned_thresholds(point.gates)
-            else:
-                if point.criterion not in scores_cache:
-                    scores_cache[point.criterion] = exit_scores(stack, point.criterion)
-                scores, thresholds = scores_cache[point.criterion], point.thresholds
-            exit_index = simulate(scores, thresholds, correct, stage_costs, head_costs).exit_index
-        got = correct[exit_index, rows]
-        # the simulation must agree with calibrate's own bookkeeping, or the statistics mean nothing
-        if abs(float(got.double().mean()) - point.accuracy) > 1e-9:
-            raise RuntimeError(f"select_policy: re-simulating a {point.kind} policy gave a different accuracy "
-                               "than calibrate reported (calibration module out of sync)")
-        new = 100.0 * float((ref & ~got).double().mean())
-        fixed = 100.0 * float((~ref & got).double().mean())
-        candidates.append(Selection(point, new - fixed, new, fixed, measure))
-    key = (lambda c: c.new_errors_pp) if measure == "new_errors" else (lambda c: c.net_drop_pp)
-    feasible = [c for c in candidates if key(c) <= budget + 1e-9]  # never-exit (0, 0) is always there
-    best = min(feasible, key=lambda c: (c.point.cost, -c.point.accuracy))
-    model.set_policy(best.point.policy())
-    return best
-
-
 # -- plots ------------------------------------------------------------------------------------------
 def _figure(size):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -543,13 +475,12 @@ def run(args: argparse.Namespace) -> int:
         system.eval()
         _log(f"[demo] calibrating {name} on {x_val.shape[0]} validation images (budget {args.budget:g} pp)")
         result = calibrate(system, (x_val, y_val), max_accuracy_drop=args.budget, cost=args.cost,
-                           progress=progress, batch_size=bs)
-        chosen = select_policy(system, result, (x_val, y_val), args.budget, args.drop_measure, bs)
+                           progress=progress, batch_size=bs, drop=args.drop_measure)
         system.eval()
-        calibrations[name], selections[name] = result, chosen
-        p = chosen.point
-        _log(f"[demo]   {name}: {p.kind}/{p.criterion}, validation: net drop {chosen.net_drop_pp:.2f} pp, "
-             f"new errors {chosen.new_errors_pp:.2f} pp, expected speedup {p.speedup:.2f}x ({args.cost})")
+        calibrations[name], selections[name] = result, result.best
+        p = result.best
+        _log(f"[demo]   {name}: {p.kind}/{p.criterion}, validation: net drop {p.accuracy_drop_pp:.2f} pp, "
+             f"new errors {p.new_errors_pp:.2f} pp, expected speedup {p.speedup:.2f}x ({args.cost})")
 
     # 5. measure on the test set ----------------------------------------------------------------------
     example = x_test[:1]
@@ -574,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
             "exit_counts": extra["exit_counts"],
             "exit_fractions": [c / n for c in extra["exit_counts"]],
             "exit_names": _exit_names(system, member_names),
-            "policy": selections[name].to_dict(),
+            "policy": {"drop_measure": args.drop_measure, **selections[name].to_dict()},
         }
     _log(f"[demo] timing {args.repeats} passes over {x_test.shape[0]} test images at batch {bs} "
          f"({torch.get_num_threads()} threads)")
@@ -592,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(rows, strongest)
 
     # "best": chosen on validation (largest expected speedup within budget), reported on test
-    best_name = max(selections, key=lambda n: selections[n].point.speedup)
+    best_name = max(selections, key=lambda n: selections[n].speedup)
     best = results[best_name]
     total_seconds = time.perf_counter() - t_start
     summary = {
@@ -627,7 +558,7 @@ def run(args: argparse.Namespace) -> int:
                   for n, c in calibrations.items()}
         plot_frontier(out / "frontier.png", calibrations, {n: results[n] for n in systems},
                       val_acc[strongest], ref["accuracy"], args.budget, args.cost, scales,
-                      {n: c.point for n, c in selections.items()})
+                      selections)
         plot_exits(out / "exits.png", {n: results[n] for n in systems})
         plots = {"frontier": "frontier.png", "exits": "exits.png"}
         payload = {

@@ -27,7 +27,9 @@ from adaexit.calibration import (
     pareto_frontier,
     simulate,
 )
+from adaexit.data import make_loader
 from adaexit.policies import LearnedPolicy
+from adaexit.training import train as train_multi_exit
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -451,3 +453,26 @@ def test_fashion_mnist_budget_and_speedup():
     out, info = run(model, result.policy, cal_x)
     assert 100 * (result.baseline_accuracy - (out.argmax(1) == cal_y).double().mean().item()) <= 1.0 + 1e-9
     assert info.ideal_speedup == pytest.approx(result.best.speedup, rel=1e-12)
+
+
+def test_new_errors_rule_is_conservative_and_deploys_what_it_simulated():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 6, generator=g) * 1.5
+    y = torch.randint(4, (600,), generator=g)
+    x = centers[y] + torch.randn(600, 6, generator=g)
+    stages = [nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU())]
+    model = EarlyExitNet(stages, [ExitHead(16, 4), ExitHead(16, 4)])
+    train_multi_exit(model, make_loader(x[:400], y[:400], 50), epochs=3, lr=1e-2, progress=False)
+    model.eval()
+    val = (x[400:], y[400:])
+    net = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",))
+    strict = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",), drop="new_errors")
+    for p in net.points:  # new errors are never fewer than the net drop
+        assert p.new_errors_pp >= p.accuracy_drop_pp - 1e-9
+    assert strict.best.new_errors_pp <= 2.0
+    assert strict.best.cost >= net.best.cost  # the conservative rule never buys more speed
+    with torch.no_grad():  # the deployed policy is the chosen one
+        acc = float((model(val[0]).argmax(1) == val[1]).double().mean())
+    assert acc == pytest.approx(strict.best.accuracy)
+    with pytest.raises(ValueError, match="drop must be one of"):
+        calibrate(model, val, progress=False, drop="gross")

@@ -110,36 +110,3 @@ def test_zoo_costs_increase_and_the_plain_network_is_the_last_exit():
     for bad in (lambda: mlp(0), lambda: small_cnn(0), lambda: wide_cnn(1), lambda: plain_network(nets[0])):
         with pytest.raises(ValueError):
             bad()
-
-
-def test_select_policy_bounds_new_errors_and_matches_calibrate_on_the_net_rule():
-    from torch import nn
-
-    from adaexit import EarlyExitNet, ExitHead
-    from adaexit.calibration import calibrate
-    from adaexit.data import make_loader
-    from adaexit.training import train
-
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(4, 6, generator=g) * 1.5
-    y = torch.randint(4, (600,), generator=g)
-    x = centers[y] + torch.randn(600, 6, generator=g)
-    stages = [nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU())]
-    model = EarlyExitNet(stages, [ExitHead(16, 4), ExitHead(16, 4)])
-    train(model, make_loader(x[:400], y[:400], 50), epochs=3, lr=1e-2, progress=False)
-    model.eval()
-    val = (x[400:], y[400:])
-    result = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",))
-
-    net = demo.select_policy(model, result, val, 2.0, "net")
-    assert net.point.cost == result.best.cost  # the net rule is calibrate's own choice
-    chosen = demo.select_policy(model, result, val, 2.0, "new_errors")
-    assert chosen.new_errors_pp <= 2.0 and chosen.net_drop_pp <= chosen.new_errors_pp
-    assert chosen.point.cost >= net.point.cost  # the conservative rule never buys more speed
-    assert chosen.net_drop_pp == pytest.approx(chosen.point.accuracy_drop_pp)
-    # the deployed policy is the chosen one: the sparse forward reproduces the simulated accuracy
-    with torch.no_grad():
-        acc = float((model(val[0]).argmax(1) == val[1]).double().mean())
-    assert acc == pytest.approx(chosen.point.accuracy)
-    with pytest.raises(ValueError, match="measure"):
-        demo.select_policy(model, result, val, 2.0, "gross")
