@@ -161,7 +161,6 @@ def execute(
 
         for r, sel, size in groups:
             sub_rows = _take(rows, sel)
-            sub_state = {key: _take(v, sel) for key, v in st.items()}
             if r == 0:
                 if logits is None:
                     raise ValueError(f"node {i} ({node.name}): rows exit here but the router gave no logits")
@@ -179,6 +178,7 @@ def execute(
             else:
                 target = node.successors[r - 1]
                 payload = _take(features, sel) if nodes[target].takes == CARRY else gather_rows(x, sub_rows)
+                sub_state = {key: _take(v, sel) for key, v in st.items()}  # state travels with survivors
                 pending[target].append((sub_rows, payload, sub_state))
 
     if out is None:  # empty batch: the class count comes from the last head when it is known
