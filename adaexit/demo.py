@@ -184,13 +184,13 @@ def _subset(x, y, n, seed):
 
 
 # -- training (cached) ------------------------------------------------------------------------------
-def _weights(model: nn.Module) -> dict:
+def network_weights(model: nn.Module) -> dict:
     """The network's weights and buffers, without its exit policy (calibration sets that later;
     leaving it out keeps checkpoints loadable whatever policy class the model is built with)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith("policy.")}
 
 
-def _load_weights(model: nn.Module, state: dict, path) -> None:
+def load_weights(model: nn.Module, state: dict, path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("policy.")]
     if missing or unexpected:
@@ -213,7 +213,7 @@ def train_or_load(cfg: NetConfig, data, cache: Path, data_tag: str, seed: int, r
     path = cache / f"{cfg.key(data_tag, seed)}.pt"
     if path.is_file() and not retrain:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        _load_weights(model, saved["state_dict"], path)
+        load_weights(model, saved["state_dict"], path)
         _log(f"[demo] {cfg.name}: loaded cached checkpoint {path}")
         return model.eval(), {"cached": True, "checkpoint": str(path), **saved["record"]}
     x_train, y_train = data
@@ -233,7 +233,7 @@ def train_or_load(cfg: NetConfig, data, cache: Path, data_tag: str, seed: int, r
     }
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": _weights(model), "record": record}, tmp)
+    torch.save({"state_dict": network_weights(model), "record": record}, tmp)
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written checkpoint
     _log(f"[demo] {cfg.name}: trained in {record['train_seconds']:.1f} s, saved {path}")
     return model.eval(), {"cached": False, "checkpoint": str(path), **record}

@@ -64,8 +64,8 @@ def load_inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
         return torch.randn(n, 1, 28, 28, generator=gen), "random 1x28x28 images (Fashion-MNIST not found)"
 
 
-def demo_systems(cache=None, seed: int = 0, epochs: int = 6, train_batch_size: int = 128, val_size: int = 5000,
-                 budget: float = 0.5):
+def demo_systems(cache=None, seed: int | None = None, epochs: int | None = None,
+                 train_batch_size: int | None = None, val_size: int | None = None, budget: float | None = None):
     """The demo's trained networks from its checkpoint cache, calibrated as the demo does, or ``None``.
 
     Reads the cache of ``python -m adaexit demo`` with its default settings (or the ones given): the
@@ -84,6 +84,13 @@ def demo_systems(cache=None, seed: int = 0, epochs: int = 6, train_batch_size: i
         from adaexit.models import ZOO, plain_network
     except ImportError:
         return None
+    # unspecified settings are the demo's own defaults, so its default cache is found
+    defaults = demo.add_arguments(argparse.ArgumentParser()).parse_args([])
+    seed = defaults.seed if seed is None else seed
+    epochs = defaults.epochs if epochs is None else epochs
+    train_batch_size = defaults.train_batch_size if train_batch_size is None else train_batch_size
+    val_size = defaults.val_size if val_size is None else val_size
+    budget = defaults.budget if budget is None else budget
     try:
         configs = demo.net_configs(epochs, False, train_batch_size)
         cache = Path(cache).expanduser() if cache else demo.default_cache()
@@ -95,7 +102,8 @@ def demo_systems(cache=None, seed: int = 0, epochs: int = 6, train_batch_size: i
         nets = {}
         for cfg in configs:
             net = ZOO[cfg.builder](cfg.size)
-            net.load_state_dict(torch.load(paths[cfg.name], map_location="cpu", weights_only=False)["state_dict"])
+            checkpoint = torch.load(paths[cfg.name], map_location="cpu", weights_only=False)
+            demo.load_weights(net, checkpoint["state_dict"], paths[cfg.name])
             nets[cfg.name] = net.eval()
         _, _, x_val, y_val = train_val_split(x_all, y_all, val_size, seed=seed)
     except (AttributeError, KeyError, TypeError, ValueError, OSError, RuntimeError):
@@ -109,7 +117,8 @@ def demo_systems(cache=None, seed: int = 0, epochs: int = 6, train_batch_size: i
     out = {}
     for name, system in systems.items():
         system.eval()
-        result = calibrate(system, (x_val, y_val), max_accuracy_drop=budget, cost="flops", progress=False)
+        result = calibrate(system, (x_val, y_val), max_accuracy_drop=budget, cost="flops", progress=False,
+                           drop=defaults.drop_measure)
         system.eval()
         best = result.best
         out[name] = (

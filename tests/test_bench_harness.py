@@ -5,6 +5,8 @@ compare is the same computation and that their reports have the promised structu
 """
 
 
+import argparse
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -255,7 +257,8 @@ def test_end_to_end_reads_the_demo_cache(tmp_path):
     val_size, seed = 64, 0
     assert end_to_end.demo_systems(tmp_path, seed=seed, val_size=val_size) is None  # empty cache
     data_tag = f"fmnist-train{x_all.shape[0] - val_size}-val{val_size}-split{seed}"
-    for cfg in demo.net_configs(6, False, 128):
+    defaults = demo.add_arguments(argparse.ArgumentParser()).parse_args([])  # the reader's defaults
+    for cfg in demo.net_configs(defaults.epochs, False, defaults.train_batch_size):
         net = ZOO[cfg.builder](cfg.size)
         torch.save({"state_dict": net.state_dict(), "record": {}}, tmp_path / f"{cfg.key(data_tag, seed)}.pt")
     systems = end_to_end.demo_systems(tmp_path, seed=seed, val_size=val_size)
