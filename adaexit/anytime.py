@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .data import batches as _batches
-from .cost import chain_latency
+from .cost import chain_latency, sync
 from .early_exit import EarlyExitNet
 from .executor import CARRY, SOURCE, Node, execute
 from .heads import ExitHead
@@ -99,11 +99,6 @@ class AnytimeInfo:
         """Rows per stop reason."""
         counts = torch.bincount(self.stop_reason.cpu(), minlength=len(STOP_REASONS)).tolist()
         return dict(zip(STOP_REASONS, counts))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _head_logits(node: Node, h: torch.Tensor) -> torch.Tensor:
@@ -175,7 +170,7 @@ class _AnytimeCall:
 
     def now(self) -> float:
         if self.deadline is not None:  # a deadline is wall-clock time of finished work
-            _sync(self.device)
+            sync(self.device)
         return time.perf_counter() * 1e3
 
     def _decide(self, k, node, h, pol_state):
@@ -326,11 +321,11 @@ class AnytimeRunner:
         for _ in range(int(repeats)):
             h = x
             for k, node in enumerate(nodes):
-                _sync(x.device)
+                sync(x.device)
                 t0 = time.perf_counter()
                 h = node.module(x if node.takes == SOURCE else h)
                 _head_logits(node, h)
-                _sync(x.device)
+                sync(x.device)
                 times[k].append((time.perf_counter() - t0) * 1e3)
         medians = [sorted(t)[len(t) // 2] for t in times]
         for k, ms in enumerate(medians):

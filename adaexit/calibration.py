@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .cost import module_device
 from .data import batches as _batches
 from .kernels import exit_gate_torch
 from .policies import ConfidencePolicy, LearnedPolicy, NeverExitPolicy, Policy
@@ -621,13 +622,6 @@ def _check_protocol(model) -> None:
         )
 
 
-def _model_device(model) -> torch.device | None:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return None
-
-
 @torch.no_grad()
 def collect_exit_logits(model, data, cost: str = "flops", progress: bool = True, batch_size: int = 256):
     """Run the model densely over ``data`` once: ``(exit_logits [K, N, C] CPU, labels [N], stage_costs,
@@ -637,7 +631,7 @@ def collect_exit_logits(model, data, cost: str = "flops", progress: bool = True,
 
     _check_protocol(model)
     num_exits = int(model.num_exits)
-    device = _model_device(model)
+    device = module_device(model)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches as _batches
-from .cost import chain_flops, chain_latency, count_flops, eval_mode, time_call
+from .cost import chain_flops, chain_latency, count_flops, eval_mode, module_device, time_call
 from .early_exit import EarlyExitNet, ExitInfo, restore_policy_class, trace_flops
 from .executor import CARRY, SOURCE, Node, execute, validate_graph
 from .heads import LogitsHead
@@ -121,15 +121,6 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
-
-
-def _device(module: nn.Module) -> torch.device | None:
-    """The device of the first parameter or buffer of ``module`` (None if it has neither)."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return None
 
 
 def _small_net(in_features: int, out_features: int, hidden: int) -> nn.Sequential:
@@ -452,7 +443,7 @@ class Cascade(nn.Module):
             policy.bind_graph(self.successors)
         else:
             policy.bind(self.num_exits)
-        device = _device(self)
+        device = module_device(self)
         if device is not None:  # a learned policy's modules must sit where the logits are
             policy.to(device)
         self.policy = policy
@@ -661,7 +652,7 @@ def collect_outputs(cascade: Cascade, data, cost: str = "flops", batch_size: int
     chunks: list[list[torch.Tensor]] = [[] for _ in range(cascade.num_exits)]
     labels, first = [], None
     with eval_mode(cascade):
-        for x, y in _batches(data, batch_size, device=_device(cascade)):
+        for x, y in _batches(data, batch_size, device=module_device(cascade)):
             if x.shape[0] == 0:
                 continue
             first = x if first is None else first
@@ -747,7 +738,7 @@ def evaluate_policy(cascade: Cascade, data, policy: Policy | None = None, cost: 
     first = None
     try:
         with eval_mode(cascade):
-            for x, y in _batches(data, batch_size, device=_device(cascade)):
+            for x, y in _batches(data, batch_size, device=module_device(cascade)):
                 if x.shape[0] == 0:
                     continue
                 first = x if first is None else first
@@ -912,7 +903,7 @@ def train_reinforce(
     K = cascade.num_exits
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    device = _device(cascade)
+    device = module_device(cascade)
     first_x = next(iter(_batches(data, batch_size, device=device)))[0]
     stage_costs, head_costs = cascade.exit_costs(first_x, cost)
     reference = _standalone_costs(cascade.node_model, stage_costs, head_costs)[-1] or 1.0

@@ -68,9 +68,19 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work on ``device`` (no-op on CPU), so host timers measure it."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def module_device(module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer; None if it has neither (or is no module)."""
+    for tensors in (getattr(module, "parameters", None), getattr(module, "buffers", None)):
+        for t in tensors() if tensors is not None else ():
+            return t.device
+    return None
 
 
 @torch.no_grad()
@@ -79,12 +89,12 @@ def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
     device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
     for _ in range(warmup):
         fn(*args)
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn(*args)
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return times[len(times) // 2]

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cost import module_device
+
 try:  # tqdm is a dependency, but training must not break if a minimal install lacks it
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover
@@ -263,12 +265,6 @@ class MultiExitLoss(nn.Module):
 
 
 # -- training loops -------------------------------------------------------------------------------
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _optimizer(name: str, params, lr: float, weight_decay: float):
     if name == "adam":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -304,7 +300,7 @@ def _fit(
         raise ValueError(f"lr must be positive, got {lr}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else module_device(model) or torch.device("cpu")
     model.to(device)
     params = [p for p in params if p.requires_grad]
     if not params:

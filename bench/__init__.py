@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead
-from adaexit.cost import device_name
+from adaexit.cost import device_name, sync
 from adaexit.kernels import exit_gate_torch
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,13 +193,6 @@ def policy_for_fractions(
 # Timing
 
 
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work (no-op on CPU), so a host timer measures the work itself."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved_times(
     fns: dict[str, Callable[[], object]],
     repeats: int,
@@ -212,14 +205,14 @@ def interleaved_times(
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    synchronize(device)
+    sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     start_all = time.perf_counter()
     for r in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            synchronize(device)
+            sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
         if budget_s is not None and r >= 2 and time.perf_counter() - start_all > budget_s:
             break

@@ -14,17 +14,17 @@ and the GB/s that median time implies, plus (for ``exit_gate``) the speedup over
 in the same run. GPU numbers exist only when this is run on a GPU.
 """
 
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from adaexit.cost import device_name, sync
 from adaexit.kernels.exit_gate import exit_gate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
-DEVICE_NAME = torch.cuda.get_device_name() if DEVICE == "cuda" else (platform.processor() or "cpu")
+DEVICE_NAME = device_name(DEVICE)
 
 CASES = {
     "N256_D512_K10": ((256, 512), 10),
@@ -50,11 +50,6 @@ def _bytes_moved(h, weight, K):
     return h.numel() * h.element_size() + weight.numel() * weight.element_size() + K * 4 + N * K * 4 + N * 4 + N
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("impl", ["torch_unfused", "exit_gate"])  # baseline first: speedup needs it
 @pytest.mark.parametrize("case", list(CASES))
 def test_bench_exit_gate(benchmark, case, impl):
@@ -68,14 +63,14 @@ def test_bench_exit_gate(benchmark, case, impl):
 
         def fn():
             out = exit_gate(h, weight, bias, criterion="maxprob", threshold=THRESHOLD)
-            _sync()
+            sync(DEVICE)
             return out
 
     else:
 
         def fn():
             out = unfused_exit_head(h, weight, bias, THRESHOLD)
-            _sync()
+            sync(DEVICE)
             return out
 
     benchmark.group = f"exit_gate {case}"
