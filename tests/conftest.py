@@ -40,12 +40,11 @@ def torch_backend(monkeypatch):
     yield
 
 
-# Tiny test models are dominated by per-op overhead; on a shared 2-core machine two intra-op threads
-# make them ~30x slower, not faster. Benchmarks (bench/) choose their own thread counts.
-torch.set_num_threads(1)
-
-
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed every test; run it on one intra-op thread. Tiny test models are dominated by per-op
+    overhead, and on a shared 2-core machine two threads make them ~30x slower, not faster. Set per
+    test because benchmark scripts under test change the thread count (bench/ chooses its own)."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     yield

@@ -377,17 +377,8 @@ def test_anytime_eann_rejects_bad_networks():
         exponential_mlp_networks(4, 2, depths=(1, 0))
 
 
-@pytest.fixture
-def one_thread():
-    """Small-matrix training is dominated by thread hand-offs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("weighting", ["adaloss", "oscillating"])
-def test_anytime_training_uses_the_shared_weightings(weighting, one_thread):
+def test_anytime_training_uses_the_shared_weightings(weighting):
     model = eann(depths=(1, 2))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, WIDTHS[0], generator=g)

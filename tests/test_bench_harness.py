@@ -21,15 +21,6 @@ import bench  # noqa: E402
 from bench import baselines  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP fork/join waits (which dominate on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mlp_net(seed=0, width=16, classes=5, exits=3):
     torch.manual_seed(seed)
     stages = [nn.Sequential(nn.Linear(8 if k == 0 else width, width), nn.ReLU()) for k in range(exits)]

@@ -34,16 +34,6 @@ from adaexit.training import train as train_multi_exit
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tests run tiny tensors, where intra-op threads only add synchronisation: on a busy
-    2-core machine a [2000, 4] softmax takes 16 ms with 2 threads and 0.5 ms with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Small models and data
 # ---------------------------------------------------------------------------------------------

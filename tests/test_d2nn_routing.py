@@ -30,15 +30,6 @@ BUILDERS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Small-matrix training is dominated by thread hand-offs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spread_controllers(model, seed=0):
     """Random controller weights large enough that every action is taken by some rows."""
     g = torch.Generator().manual_seed(seed)
@@ -239,7 +230,7 @@ def easy_hard_task(n, seed):
     return x, y, easy
 
 
-def test_d2nn_controller_training_lowers_cost_at_equal_accuracy(one_thread):
+def test_d2nn_controller_training_lowers_cost_at_equal_accuracy():
     torch.manual_seed(0)
     x, y, _ = easy_hard_task(2048, seed=1)
     x_test, y_test, easy_test = easy_hard_task(1024, seed=2)

@@ -21,15 +21,6 @@ from adaexit.policies import LearnedPolicy
 CLASSES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def confident(labels, strength, generator, wrong=False):
     """Logits whose argmax is ``labels`` (or a wrong class) with softmax confidence set by ``strength``."""
     n = labels.shape[0]

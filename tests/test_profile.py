@@ -20,15 +20,6 @@ from bench import profile  # noqa: E402
 KERNELS = {"exit_gate", "partition", "gather_rows", "scatter_rows"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP fork/join waits (which dominate on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(batch=32):
     return profile.build_system("early_exit", batch, tiny=True)
 

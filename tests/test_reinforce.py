@@ -13,15 +13,6 @@ from adaexit.cascade import Cascade, SelectorPolicy, evaluate_policy, train_rein
 from adaexit.heads import LogitsHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster and immune to other processes competing for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def easy_hard(n, seed):
     """Easy rows: the label is the sign of x0 (|x0| >= 2; a linear model suffices). Hard rows: x0 ~ 0 and
     the label is XOR(x1 > 0, x2 > 0) (needs a non-linear network). Returns ``x, y, hard``."""
