@@ -100,6 +100,40 @@ def time_call(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
     return times[len(times) // 2]
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    budget_s: float | None = None,
+    rotate: bool = False,
+) -> dict[str, list[float]]:
+    """Milliseconds of each ``fns[name]()`` call over ``repeats`` rounds, the functions interleaved
+    (A B C A B C ...) so a noisy shared machine slows them all alike; ``rotate`` also rotates the order
+    every round (A B C, B C A, ...). ``budget_s`` stops early (after at least 3 timed rounds)."""
+    names = list(fns)
+
+    def order(r: int) -> list[str]:
+        k = r % len(names) if rotate and names else 0
+        return names[k:] + names[:k]
+
+    for r in range(warmup):
+        for name in order(r):
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start_all = time.perf_counter()
+    for r in range(repeats):
+        for name in order(warmup + r):
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+        if budget_s is not None and r >= 2 and time.perf_counter() - start_all > budget_s:
+            break
+    return times
+
+
 @torch.no_grad()
 def chain_latency(
     stages: Sequence[nn.Module], heads: Sequence[nn.Module], batch: torch.Tensor, repeats: int = 10

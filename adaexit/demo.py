@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .calibration import DROP_MEASURES
+from .cost import interleaved_times
 
 TARGET_SPEEDUP = 3.0
 TARGET_DROP_PP = 0.5
@@ -265,24 +266,20 @@ def predict(model: nn.Module, batches) -> tuple[torch.Tensor, dict]:
 def time_passes(fns: dict, batches, repeats: int, warmup: int = 1) -> dict[str, dict]:
     """Wall-clock seconds of one pass over ``batches`` per function: median (and all) of ``repeats``.
 
-    Passes are interleaved (one pass of every function per round, in a rotating order) so a burst of
-    load from other processes does not land on one system only.
+    Passes are interleaved, in an order rotating every round (:func:`adaexit.cost.interleaved_times`), so
+    a burst of load from other processes does not land on one system only.
     """
-    names = list(fns)
-    times = {name: [] for name in names}
+    def one_pass(fn):
+        def run():
+            for xb in batches:
+                fn(xb)
+        return run
+
     with torch.inference_mode():
-        for r in range(warmup + repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for name in order:
-                fn = fns[name]
-                start = time.perf_counter()
-                for xb in batches:
-                    fn(xb)
-                elapsed = time.perf_counter() - start
-                if r >= warmup:
-                    times[name].append(elapsed)
+        times = interleaved_times({name: one_pass(fn) for name, fn in fns.items()}, repeats, warmup, rotate=True)
     out = {}
-    for name, ts in times.items():
+    for name, ms in times.items():
+        ts = [t / 1e3 for t in ms]
         s = sorted(ts)
         out[name] = {"median_s": s[len(s) // 2], "min_s": s[0], "max_s": s[-1], "all_s": ts}
     return out

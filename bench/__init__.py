@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead
-from adaexit.cost import device_name, sync
+from adaexit.cost import device_name, interleaved_times  # noqa: F401 (interleaved_times: re-exported)
 from adaexit.kernels import exit_gate_torch
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,32 +190,6 @@ def policy_for_fractions(
 
 # ----------------------------------------------------------------------------------------------------
 # Timing
-
-
-def interleaved_times(
-    fns: dict[str, Callable[[], object]],
-    repeats: int,
-    warmup: int = 1,
-    device: torch.device | str = "cpu",
-    budget_s: float | None = None,
-) -> dict[str, list[float]]:
-    """Milliseconds of each ``fns[name]()`` call, the strategies interleaved (A B C D A B C D ...) so a
-    noisy shared machine slows them all alike. ``budget_s`` stops early (after at least 3 rounds)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start_all = time.perf_counter()
-    for r in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-        if budget_s is not None and r >= 2 and time.perf_counter() - start_all > budget_s:
-            break
-    return times
 
 
 def median(values: Sequence[float]) -> float:
