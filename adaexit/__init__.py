@@ -1,8 +1,10 @@
 """adaexit: adaptive inference for PyTorch with genuinely sparse execution at batch size > 1.
 
 One executor (:mod:`adaexit.executor`) runs every method sparsely on the Triton kernels of
-:mod:`adaexit.kernels`; the modules below only build graphs and decide routes.
+:mod:`adaexit.kernels`; every adaptive model derives from :class:`AdaptiveModel` and only describes
+its graph; policies only decide routes.
 
+* the base: :class:`AdaptiveModel`, :class:`ExitInfo`
 * early exit: :class:`EarlyExitNet`, :func:`wrap`, :class:`ExitHead`
 * policies: :class:`ConfidencePolicy`, :class:`PatiencePolicy`, :class:`LearnedPolicy`,
   :class:`NeverExitPolicy`, :class:`RoutingPolicy`
@@ -16,9 +18,11 @@ One executor (:mod:`adaexit.executor`) runs every method sparsely on the Triton 
 
 from .adapters import wrap
 from .anytime import EANN, AnytimeInfo, AnytimeRunner, anytime_curve, anytime_predict
-from .calibration import CalibrationPoint, CalibrationResult, calibrate, oracle
-from .cascade import Cascade, NetworkSelectionPolicy, SelectorPolicy, cascade_oracle, train_reinforce
-from .early_exit import EarlyExitNet, ExitInfo
+from .base import AdaptiveModel, ExitInfo
+from .calibration import CalibrationPoint, CalibrationResult, calibrate
+from .cascade import Cascade, NetworkSelectionPolicy, SelectorPolicy, train_reinforce
+from .early_exit import EarlyExitNet
+from .evaluation import cascade_oracle, oracle
 from .executor import Node, execute
 from .heads import ExitHead, LogitsHead
 from .policies import (
@@ -35,6 +39,7 @@ from .training import MultiExitLoss, train, train_classifier
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveModel",
     "AnytimeInfo",
     "AnytimeRunner",
     "CalibrationPoint",

@@ -6,18 +6,17 @@ import argparse
 import platform
 import sys
 
-from .demo import add_arguments, run
+import numpy
+import torch
+
+from . import __version__
+from .apps.fashion_mnist.demo import add_arguments, run
+from .cost import device_name
+from .kernels import _dispatch
 
 
 def info() -> str:
     """Versions, the kernel backend chosen per device, and whether Triton's interpreter is on."""
-    import numpy
-    import torch
-
-    from . import __version__
-    from .cost import device_name
-    from .kernels import _dispatch
-
     try:
         import triton
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -38,18 +39,27 @@ def count_flops(fn: Callable, *args) -> int:
 
 
 @torch.no_grad()
-def chain_flops(stages: Sequence[nn.Module], heads: Sequence[nn.Module], example: torch.Tensor):
+def chain_flops(
+    stages: Sequence[nn.Module],
+    heads: Sequence[nn.Module | None],
+    example: torch.Tensor,
+    reads_input: Sequence[bool] | None = None,
+):
     """Per-example FLOPs of each stage and each head of a chain, measured on ``example[:1]``.
 
-    Returns ``(stage_flops, head_flops)``, two lists of floats.
+    Stage ``k`` reads stage ``k - 1``'s output, or the original input where ``reads_input[k]`` (a
+    cascade's whole networks). A ``None`` head costs 0. Returns ``(stage_flops, head_flops)``.
     """
-    h = example[:1]
+    x = example[:1]
+    h = x
     stage_flops, head_flops = [], []
-    for stage, head in zip(stages, heads):
+    for k, (stage, head) in enumerate(zip(stages, heads)):
+        if reads_input is not None and reads_input[k]:
+            h = x
         stage_flops.append(float(count_flops(stage, h)))
         with eval_mode(stage):
             h = stage(h)
-        head_flops.append(float(count_flops(head, h)))
+        head_flops.append(float(count_flops(head, h)) if head is not None else 0.0)
     return stage_flops, head_flops
 
 
@@ -66,6 +76,26 @@ def device_name(device: torch.device | str = "cpu") -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What every measurement carries: the device and its name, cores and threads, versions, load."""
+    device = torch.device(device)
+    info = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
 
 
 def sync(device: torch.device | str) -> None:
@@ -136,19 +166,29 @@ def interleaved_times(
 
 @torch.no_grad()
 def chain_latency(
-    stages: Sequence[nn.Module], heads: Sequence[nn.Module], batch: torch.Tensor, repeats: int = 10
+    stages: Sequence[nn.Module],
+    heads: Sequence[nn.Module | None],
+    batch: torch.Tensor,
+    repeats: int = 10,
+    reads_input: Sequence[bool] | None = None,
 ):
-    """Measured per-example milliseconds of each stage and each head at ``batch``'s batch size.
+    """Measured per-example milliseconds of each stage and each head at ``batch``'s batch size
+    (``reads_input`` as in :func:`chain_flops`).
 
     Returns ``(stage_ms, head_ms)``: median time of the call divided by the batch size.
     """
     n = max(1, batch.shape[0])
     h = batch
     stage_ms, head_ms = [], []
-    with eval_mode(*stages, *heads):  # timing must not update BatchNorm statistics
-        for stage, head in zip(stages, heads):
+    with eval_mode(*stages, *[head for head in heads if head is not None]):  # timing must not update BatchNorm
+        for k, (stage, head) in enumerate(zip(stages, heads)):
+            if reads_input is not None and reads_input[k]:
+                h = batch
             stage_ms.append(time_call(stage, h, repeats=repeats) / n)
             h = stage(h)
+            if head is None:
+                head_ms.append(0.0)
+                continue
             # eval mode runs the head's fused gate where it has one
             gate = getattr(head, "gate", None)
             run_head = (lambda t, g=gate: g(t, "maxprob", 2.0)) if callable(gate) else head

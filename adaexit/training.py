@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import AdaptiveModel
 from .cost import module_device
 
 try:  # tqdm is a dependency, but training must not break if a minimal install lacks it
@@ -393,8 +394,9 @@ def train(
         loader: iterable of ``(x, y)`` batches (e.g. :func:`adaexit.data.make_loader`).
         epochs, lr: passes over ``loader`` and the peak learning rate.
         loss: a :class:`MultiExitLoss` (default: constant weighting over ``model.num_exits`` exits).
-        heads_only: freeze the backbone (``model.stages``: parameters and BatchNorm statistics) and
-            train only ``model.heads``; the backbone is bit-for-bit unchanged afterwards.
+        heads_only: freeze the backbone (every node module of ``model.graph()``: parameters and
+            BatchNorm statistics) and train only the exit heads (the DeeBERT second stage / SDN
+            "IC-only" recipe); the backbone is bit-for-bit unchanged afterwards.
         optimizer: ``"adam"`` (AdamW) or ``"sgd"`` (Nesterov momentum 0.9).
         weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
         schedule: ``"cosine"`` (one-cycle: short warm-up, cosine decay) or ``"constant"``.
@@ -406,21 +408,23 @@ def train(
         history: ``{"loss": [per epoch], "exit_loss": [per epoch, per exit], "exit_accuracy":
         [per epoch, per exit] (training batches, measured as they go), "steps", "seconds"}``.
     """
-    num_exits = getattr(model, "num_exits", None)
     if loss is None:
-        if num_exits is None:
-            raise ValueError("train: pass loss=MultiExitLoss(...) for a model without num_exits")
-        loss = MultiExitLoss(num_exits)
+        if not isinstance(model, AdaptiveModel):
+            raise ValueError("train: pass loss=MultiExitLoss(...) for a model that is not an adaexit AdaptiveModel")
+        loss = MultiExitLoss(model.num_exits)
     frozen, params = None, list(model.parameters())
     saved_flags = None
     if heads_only:
-        stages, heads = getattr(model, "stages", None), getattr(model, "heads", None)
-        if not isinstance(stages, nn.Module) or not isinstance(heads, nn.Module):
-            raise ValueError("heads_only=True needs a model with .stages (the backbone) and .heads modules")
-        saved_flags = [(p, p.requires_grad) for p in stages.parameters()]
-        for p in stages.parameters():
+        if not isinstance(model, AdaptiveModel):
+            raise ValueError(f"heads_only=True needs an adaexit AdaptiveModel, got {type(model).__name__}")
+        nodes = model.graph()
+        heads = nn.ModuleList(dict.fromkeys(n.head for n in nodes if n.head is not None))
+        head_params = {id(p) for p in heads.parameters()}
+        backbone = [p for p in model.parameters() if id(p) not in head_params]
+        saved_flags = [(p, p.requires_grad) for p in backbone]
+        for p in backbone:
             p.requires_grad_(False)
-        frozen, params = stages, list(heads.parameters())
+        frozen, params = nn.ModuleList(n.module for n in nodes), list(heads.parameters())
     try:
         return _fit(
             model, loader, epochs, lr, loss, params=params, frozen=frozen, optimizer=optimizer,
@@ -460,7 +464,7 @@ def train_classifier(
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> list[float]:
     """Accuracy of every exit (dense) on ``(x, y)``: a list with one float per exit.
 
-    Uses ``model.exit_logits`` when the model has it (multi-exit models), else ``model(x)``.
+    Uses ``model.exit_logits`` for adaptive models (every exit), else ``model(x)``.
     """
     was_training = model.training
     model.eval()
@@ -468,7 +472,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     try:
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-            outs = model.exit_logits(xb) if hasattr(model, "exit_logits") else _as_list(model(xb))
+            outs = model.exit_logits(xb) if isinstance(model, AdaptiveModel) else _as_list(model(xb))
             c = torch.tensor([int((z.argmax(1) == yb).sum()) for z in outs])
             correct = c if correct is None else correct + c
     finally:

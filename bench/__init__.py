@@ -2,21 +2,24 @@
 
 Shared pieces live here: the benchmark models (built fresh, so speed can be measured without training),
 a policy whose thresholds make a chosen fraction of the rows exit at each exit, interleaved timing with
-medians, the machine description every result carries, and a plain-text table.
+medians, the machine description every result carries, a plain-text table, and the scripts' common
+command line (``--json``, ``--threads``) and ending (print the report, write its JSON). Device names,
+machine descriptions and timing come from :mod:`adaexit.cost` (``device_name``, ``machine_info``,
+``interleaved_times``, ``sync``); nothing here re-implements them.
 """
 
 from __future__ import annotations
 
-import os
-import platform
+import argparse
+import json
 import statistics
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead
-from adaexit.cost import device_name, interleaved_times  # noqa: F401 (interleaved_times: re-exported)
+from adaexit.cost import device_name, interleaved_times, machine_info, sync  # noqa: F401 (re-exported)
 from adaexit.kernels import exit_gate_torch
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,23 +203,7 @@ def median(values: Sequence[float]) -> float:
 # Reporting
 
 
-def machine(device: torch.device | str = "cpu") -> dict:
-    """What every result carries: the device name, cores and threads, library versions."""
-    device = torch.device(device)
-    info = {
-        "device": str(device),
-        "device_name": device_name(device),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "python": platform.python_version(),
-    }
-    try:
-        info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
-    return info
+machine = machine_info  # what every result carries (one definition, in adaexit.cost)
 
 
 def contention_note(info: dict) -> str | None:
@@ -237,6 +224,49 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The scripts' command line and ending
+
+
+def common_arguments(
+    parser: argparse.ArgumentParser,
+    json_help: str = "also write the report as JSON",
+    threads_help: str = "torch threads (default: torch's choice)",
+) -> argparse.ArgumentParser:
+    """Add the options every ``python -m bench.<script>`` takes: ``--json PATH`` and ``--threads N``."""
+    parser.add_argument("--json", metavar="PATH", help=json_help)
+    parser.add_argument("--threads", type=int, help=threads_help)
+    return parser
+
+
+def apply_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """:func:`set_threads` from ``--threads``; a bad value is a usage error (``parser.error``)."""
+    try:
+        set_threads(args.threads)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def write_json(path, report: dict) -> None:
+    """Write ``report`` to ``path`` as indented JSON."""
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def finish(report: dict, args: argparse.Namespace, format_report: Callable[[dict], str]) -> int:
+    """A script's ending: print ``format_report(report)``, write the JSON when ``--json`` asked for it;
+    returns the exit status (0)."""
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def describe_run(report: dict) -> str:
+    """The report line saying what the sparse run did: its policy, exits per exit and rows per stage."""
+    return f"policy: {report['policy']}; exits per exit {report['exit_counts']}, rows per stage {report['rows_run']}"
 
 
 def describe_machine(info: dict) -> str:

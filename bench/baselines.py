@@ -23,8 +23,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
 
+from adaexit.base import AdaptiveModel
 from adaexit.executor import SOURCE
 from adaexit.heads import LogitsHead
 
@@ -34,42 +34,27 @@ STRATEGY_NAMES = ("plain", "masked_dense", "batch1_loop", "adaexit")
 
 
 def _check_model(model, fn: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
-    for attr in ("num_exits", "exit_logits", "policy"):
-        if not hasattr(model, attr):
-            raise ValueError(
-                f"{fn}: model ({type(model).__name__}) has no {attr!r}: it must follow the calibration "
-                "protocol (num_exits, exit_logits, policy), like EarlyExitNet and Cascade"
-            )
+    if not isinstance(model, AdaptiveModel):
+        raise ValueError(f"{fn}: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
 
 
 def _last_exit_index(x: torch.Tensor, model) -> torch.Tensor:
     return torch.full((x.shape[0],), model.num_exits - 1, dtype=torch.long, device=x.device)
 
 
-def _strongest_network(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The plain forward of the model with its early exits removed."""
-    if hasattr(model, "stages") and hasattr(model, "heads"):  # an early-exit backbone
-        stages, last_head = list(model.stages), model.heads[-1]
+def _strongest_network(model: AdaptiveModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The plain forward of the model's last member network with its early exits removed: its nodes in
+    order, then the last head (an early-exit backbone is its only member; a cascade's is its last)."""
+    nodes, members = model.graph(), model.node_members()
+    own = [node for node, m in zip(nodes, members) if m == members[-1]]
 
-        def backbone(x):
-            h = x
-            for stage in stages:
-                h = stage(h)
-            return last_head(h)
+    def forward(x):
+        h = x
+        for node in own:
+            h = node.module(h)
+        return own[-1].head(h)
 
-        return backbone
-    for attr in ("models", "networks"):  # a cascade: its networks are ordered by increasing cost
-        nets = getattr(model, attr, None)
-        if nets is not None and len(nets) > 0:
-            last = nets[-1]
-            # an early-exit member runs as its plain backbone, not through its own policy
-            return _strongest_network(last) if hasattr(last, "stages") and hasattr(last, "heads") else last
-    raise ValueError(
-        f"plain: cannot find the strongest network of {type(model).__name__}: expected stages/heads "
-        "(an early-exit backbone) or models (a cascade)"
-    )
+    return forward
 
 
 def plain(model) -> Strategy:
@@ -84,14 +69,6 @@ def plain(model) -> Strategy:
         return (logits, _last_exit_index(x, model)) if return_exit_index else logits
 
     return run
-
-
-def _graph(model):
-    """The model's conditional-execution graph and router, when it exposes them (EarlyExitNet does)."""
-    graph, router = getattr(model, "graph", None), getattr(model, "_route", None)
-    if graph is None or router is None:
-        return None
-    return graph(), router
 
 
 def execute_dense(nodes, x: torch.Tensor, router, state: dict | None = None):
@@ -189,25 +166,20 @@ def masked_dense(model, via: str = "auto") -> Strategy:
     Args:
         via: ``"graph"`` runs the model's own execution graph and router densely
             (:func:`execute_dense`; works for any policy, including ones that read features);
-            ``"exit_logits"`` uses only the public protocol (``exit_logits`` + the policy applied to
-            the logits; for policies that decide from logits); ``"auto"`` picks ``graph`` when the model
-            exposes one.
+            ``"exit_logits"`` uses only ``exit_logits`` + the policy applied to the logits (for policies
+            that decide from logits); ``"auto"`` is ``"graph"``.
     """
     _check_model(model, "masked_dense")
     if via not in ("auto", "graph", "exit_logits"):
         raise ValueError(f"masked_dense: via must be 'auto', 'graph' or 'exit_logits', got {via!r}")
     model.eval()
-    graph = _graph(model)
-    if via == "graph" and graph is None:
-        raise ValueError(f"masked_dense: {type(model).__name__} exposes no execution graph; use via='exit_logits'")
-    use_graph = graph is not None and via != "exit_logits"
+    use_graph = via != "exit_logits"
 
     def run(x: torch.Tensor, return_exit_index: bool = False):
         with torch.inference_mode():
             if use_graph:
-                nodes, router = graph
                 state = model.policy.init_state(x.shape[0], x.device)
-                logits, exit_index = execute_dense(nodes, x, router, state)
+                logits, exit_index = execute_dense(model.graph(), x, model.route, state)
             else:
                 logits, exit_index = _dense_from_exit_logits(model, x)
         return (logits, exit_index) if return_exit_index else logits

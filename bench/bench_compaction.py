@@ -8,6 +8,7 @@ the torch reference on CPU, the Triton kernels on CUDA (``ADAEXIT_BENCH_DEVICE=c
 Workload: N in {256, 4096} rows of D = 512 fp32 features, about half of them kept.
 Bytes-moved model (stated, used for GB/s): read the kept rows + write the kept rows + index bytes
 (``2 * k * D * 4 + 8 * k``); ``partition`` moves ``N * sizeof(route) + 8 * N``.
+``--benchmark-disable`` runs each once, as a smoke test.
 Set ``ADAEXIT_BENCH_THREADS=1`` on a busy CPU machine (OpenMP workers waiting for a core dominate otherwise).
 ``extra_info`` holds: device name, bytes moved, GB/s at the median, and the speedup over the baseline of the
 group (``nonzero`` + ``index_select`` for compact, ``index_select`` for gather, ``out[index] = src`` for scatter,
@@ -21,8 +22,9 @@ import os
 import pytest
 import torch
 
+from adaexit.cost import device_name, interleaved_times, sync
 from adaexit.kernels import compact, gather_rows, partition, scatter_rows
-from bench import describe_machine, interleaved_times, machine, median
+from bench import describe_machine, machine, median
 
 D = 512
 SIZES = [256, 4096]
@@ -31,28 +33,18 @@ if os.environ.get("ADAEXIT_BENCH_THREADS"):  # e.g. 1 on a shared machine: idle 
     torch.set_num_threads(int(os.environ["ADAEXIT_BENCH_THREADS"]))
 
 
-def device_name() -> str:
-    return describe_machine(machine(DEVICE))
-
-
-def synced(fn):
-    """Make a timed call include the device work (CUDA launches are asynchronous)."""
-    if not DEVICE.startswith("cuda"):
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-def record(benchmark, bytes_moved: int, fn=None, baseline=None) -> None:
-    """extra_info: device, bytes moved, GB/s at pytest-benchmark's median and, when a baseline is given,
-    the speedup over it from interleaved timing (fn, baseline, fn, baseline, ...: fair on a noisy machine)."""
+def measure(benchmark, bytes_moved: int, fn, baseline=None) -> None:
+    """Time ``fn`` with pytest-benchmark, each call followed by ``sync`` (CUDA launches are asynchronous),
+    and fill extra_info: device, machine, bytes moved, GB/s at the median and, when a baseline is given, the
+    speedup over it from interleaved timing (fn, baseline, fn, baseline, ...: fair on a noisy machine)."""
+    benchmark(lambda: (fn(), sync(DEVICE)))
+    if benchmark.disabled:  # --benchmark-disable: one call as a smoke test, nothing timed
+        return
     med = benchmark.stats.stats.median
-    benchmark.extra_info.update(device=device_name(), bytes_moved=bytes_moved, gbps=bytes_moved / med / 1e9, median_ms=med * 1e3)
+    benchmark.extra_info.update(
+        device=device_name(DEVICE), machine=describe_machine(machine(DEVICE)),
+        bytes_moved=bytes_moved, gbps=bytes_moved / med / 1e9, median_ms=med * 1e3,
+    )  # fmt: skip
     if baseline is not None:
         times = interleaved_times({"adaexit": fn, "baseline": baseline}, repeats=20, warmup=3, device=DEVICE)
         benchmark.extra_info["speedup_vs_baseline"] = median(times["baseline"]) / median(times["adaexit"])
@@ -85,35 +77,31 @@ def baseline_boolean_mask(keep, x):
 @pytest.mark.parametrize("n", SIZES)
 def test_compact_adaexit(benchmark, n):
     x, keep, kept_index = workload(n)
-    fn = synced(lambda: compact(keep, x))
-    benchmark(fn)
-    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(lambda: baseline_nonzero_index_select(keep, x)))
+    baseline = lambda: baseline_nonzero_index_select(keep, x)  # noqa: E731
+    measure(benchmark, compact_bytes(kept_index.numel()), lambda: compact(keep, x), baseline)
 
 
 @pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
 @pytest.mark.parametrize("n", SIZES)
 def test_compact_adaexit_static_capacity(benchmark, n):
     x, keep, kept_index = workload(n)
-    fn = synced(lambda: compact(keep, x, capacity=n // 2))
-    benchmark(fn)
-    record(benchmark, compact_bytes(n // 2), fn, synced(lambda: baseline_nonzero_index_select(keep, x)))
+    baseline = lambda: baseline_nonzero_index_select(keep, x)  # noqa: E731
+    measure(benchmark, compact_bytes(n // 2), lambda: compact(keep, x, capacity=n // 2), baseline)
 
 
 @pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
 @pytest.mark.parametrize("n", SIZES)
 def test_compact_baseline_nonzero_index_select(benchmark, n):
     x, keep, kept_index = workload(n)
-    benchmark(synced(lambda: baseline_nonzero_index_select(keep, x)))
-    record(benchmark, compact_bytes(kept_index.numel()))
+    measure(benchmark, compact_bytes(kept_index.numel()), lambda: baseline_nonzero_index_select(keep, x))
 
 
 @pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
 @pytest.mark.parametrize("n", SIZES)
 def test_compact_baseline_boolean_mask(benchmark, n):
     x, keep, kept_index = workload(n)
-    fn = synced(lambda: baseline_boolean_mask(keep, x))
-    benchmark(fn)
-    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(lambda: baseline_nonzero_index_select(keep, x)))
+    baseline = lambda: baseline_nonzero_index_select(keep, x)  # noqa: E731
+    measure(benchmark, compact_bytes(kept_index.numel()), lambda: baseline_boolean_mask(keep, x), baseline)
 
 
 # ---------------------------------------------------------------- gather / scatter
@@ -121,17 +109,15 @@ def test_compact_baseline_boolean_mask(benchmark, n):
 @pytest.mark.parametrize("n", SIZES)
 def test_gather_rows_adaexit(benchmark, n):
     x, keep, kept_index = workload(n)
-    fn = synced(lambda: gather_rows(x, kept_index))
-    benchmark(fn)
-    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(lambda: x.index_select(0, kept_index)))
+    baseline = lambda: x.index_select(0, kept_index)  # noqa: E731
+    measure(benchmark, compact_bytes(kept_index.numel()), lambda: gather_rows(x, kept_index), baseline)
 
 
 @pytest.mark.benchmark(group="gather_rows", max_time=0.2, min_rounds=10)
 @pytest.mark.parametrize("n", SIZES)
 def test_gather_rows_baseline_index_select(benchmark, n):
     x, keep, kept_index = workload(n)
-    benchmark(synced(lambda: x.index_select(0, kept_index)))
-    record(benchmark, compact_bytes(kept_index.numel()))
+    measure(benchmark, compact_bytes(kept_index.numel()), lambda: x.index_select(0, kept_index))
 
 
 @pytest.mark.benchmark(group="scatter_rows", max_time=0.2, min_rounds=10)
@@ -144,9 +130,7 @@ def test_scatter_rows_adaexit(benchmark, n):
     def baseline():
         out[kept_index] = src
 
-    fn = synced(lambda: scatter_rows(out, kept_index, src))
-    benchmark(fn)
-    record(benchmark, compact_bytes(kept_index.numel()), fn, synced(baseline))
+    measure(benchmark, compact_bytes(kept_index.numel()), lambda: scatter_rows(out, kept_index, src), baseline)
 
 
 @pytest.mark.benchmark(group="scatter_rows", max_time=0.2, min_rounds=10)
@@ -159,8 +143,7 @@ def test_scatter_rows_baseline_index_put(benchmark, n):
     def baseline():
         out[kept_index] = src
 
-    benchmark(synced(baseline))
-    record(benchmark, compact_bytes(kept_index.numel()))
+    measure(benchmark, compact_bytes(kept_index.numel()), baseline)
 
 
 # ---------------------------------------------------------------- partition
@@ -169,9 +152,7 @@ def test_scatter_rows_baseline_index_put(benchmark, n):
 def test_partition_adaexit(benchmark, n):
     x, keep, kept_index = workload(n)
     route = (~keep).to(torch.int64)
-    fn = synced(lambda: partition(route, 2))
-    benchmark(fn)
-    record(benchmark, n * 8 + n * 8, fn, synced(lambda: torch.sort(route, stable=True)))
+    measure(benchmark, n * 8 + n * 8, lambda: partition(route, 2), lambda: torch.sort(route, stable=True))
 
 
 @pytest.mark.benchmark(group="partition", max_time=0.2, min_rounds=10)
@@ -179,5 +160,4 @@ def test_partition_adaexit(benchmark, n):
 def test_partition_baseline_stable_sort(benchmark, n):
     x, keep, kept_index = workload(n)
     route = (~keep).to(torch.int64)
-    benchmark(synced(lambda: torch.sort(route, stable=True)))
-    record(benchmark, n * 8 + n * 8)
+    measure(benchmark, n * 8 + n * 8, lambda: torch.sort(route, stable=True))

@@ -22,7 +22,6 @@ weights are random. Targets: adaexit >= 0.9 x ideal; the never-exit policy <= 3%
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -33,14 +32,17 @@ from adaexit import EarlyExitNet, NeverExitPolicy
 
 from . import (
     EARLY_EXIT_MODELS as MODELS,
+    apply_threads,
+    common_arguments,
     contention_note,
     describe_machine,
+    describe_run,
+    finish,
     format_table,
     interleaved_times,
     machine,
     median,
     policy_for_fractions,
-    set_threads,
 )
 from .baselines import adaexit, batch1_loop, masked_dense, plain
 
@@ -238,7 +240,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"early exit, batch {report['batch']}: {report['model']}",
         f"machine: {describe_machine(report['machine'])}",
-        f"policy: {report['policy']}; exits per exit {report['exit_counts']}, rows per stage {report['rows_run']}",
+        describe_run(report),
         f"{report['repeats']} interleaved repeats, medians; batch-1 loop timed on {report['batch1_loop_rows']} rows, "
         f"scaled to {report['batch']}",
         "",
@@ -280,24 +282,16 @@ def format_report(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_early_exit", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (default 15)")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--no-breakdown", action="store_true", help="skip timing the stages one by one")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--model", default="isotropic", choices=[m for m in MODELS if m != "tiny"],
                         help="the CNN to benchmark (default: isotropic)")
+    common_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    try:
-        set_threads(args.threads)
-    except ValueError as err:
-        parser.error(str(err))
+    apply_threads(parser, args)
     report = run_benchmark(args.repeats, breakdown=not args.no_breakdown, model=args.model)
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    return finish(report, args, format_report)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Microbenchmark: fused ``exit_gate`` vs an unfused torch exit head.
 
 Run: ``pytest bench/bench_exit_gate.py --benchmark-only -q`` (add ``--benchmark-json=out.json`` to keep
-the numbers). ``exit_gate`` dispatches as users get it: the torch reference on CPU, the Triton kernel on
-CUDA. The baseline is the plain unfused head a user would write (pool, ``F.linear``, ``softmax``,
-``max``, compare), built on :func:`exit_gate_torch`'s own pooling/linear semantics so it cannot drift.
+the numbers; ``--benchmark-disable`` runs each once, as a smoke test). ``exit_gate`` dispatches as users
+get it: the torch reference on CPU, the Triton kernel on CUDA. The baseline is the plain unfused head a
+user would write (pool, ``F.linear``, ``softmax``, ``max``, compare), built on :func:`exit_gate_torch`'s
+own pooling/linear semantics so it cannot drift.
 
 Each result's ``extra_info`` carries the device name, the dtype, the bytes moved under this model
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from adaexit.cost import device_name, sync
-from adaexit.kernels.exit_gate import exit_gate
+from adaexit.kernels import exit_gate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -75,6 +76,8 @@ def test_bench_exit_gate(benchmark, case, impl):
 
     benchmark.group = f"exit_gate {case}"
     benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=3)
+    if benchmark.disabled:  # --benchmark-disable: one call as a smoke test, nothing timed
+        return
     median = benchmark.stats.stats.median
     nbytes = _bytes_moved(h, weight, K)
     benchmark.extra_info.update(

@@ -14,7 +14,8 @@ import json
 import sys
 from dataclasses import asdict
 
-from adaexit.kernels._compile import TARGETS, all_specs, compile_spec
+from adaexit.kernels import all_specs
+from adaexit.kernels._compile import TARGETS, compile_spec
 
 
 def report() -> list[dict]:

@@ -19,24 +19,24 @@ ideal speedup is the FLOPs ratio of the work that had to run (``info.ideal_speed
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from . import (
+    apply_threads,
     cascade_networks,
     cnn_early_exit,
+    common_arguments,
     contention_note,
     describe_machine,
+    finish,
     format_table,
     interleaved_times,
     machine,
     median,
     policy_for_fractions,
-    set_threads,
 )
 from .baselines import adaexit, batch1_loop, masked_dense, plain
 
@@ -163,12 +163,8 @@ def _loop_ms_per_row(model, x: torch.Tensor, rows: int) -> float:
     run = batch1_loop(model)
     sample = x[:rows]
     run(sample[:2])  # warm-up
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        run(sample)
-        times.append((time.perf_counter() - start) * 1e3 / sample.shape[0])
-    return median(times)
+    times = interleaved_times({"loop": lambda: run(sample)}, repeats=3, warmup=0, device=sample.device)["loop"]
+    return median([ms / sample.shape[0] for ms in times])
 
 
 def measure_system(model, x: torch.Tensor, batch_sizes, loop_rows: int, cell_budget_s: float) -> list[dict]:
@@ -181,12 +177,11 @@ def measure_system(model, x: torch.Tensor, batch_sizes, loop_rows: int, cell_bud
         with torch.inference_mode():
             _, info = model(xb, return_info=True)
         calls = {name: (lambda r=run, v=xb: r(v)) for name, run in runs.items()}
-        start = time.perf_counter()
-        for fn in calls.values():  # one timed pass sizes the number of rounds
-            fn()
-        round_s = time.perf_counter() - start
+        # one timed pass sizes the number of rounds
+        first = interleaved_times(calls, repeats=1, warmup=0, device=xb.device)
+        round_s = sum(ms for t in first.values() for ms in t) / 1e3
         repeats = int(max(3, min(30, cell_budget_s / max(round_s, 1e-6))))
-        times = interleaved_times(calls, repeats=repeats, warmup=0)
+        times = interleaved_times(calls, repeats=repeats, warmup=0, device=xb.device)
         ms = {name: median(t) for name, t in times.items()}
         ms["batch1_loop"] = loop_row_ms * b
         row = {
@@ -266,7 +261,6 @@ def format_report(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.end_to_end", description=__doc__.split("\n")[0])
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                         help="comma-separated (default 1,8,64,256,1024)")
     parser.add_argument("--source", default="auto", choices=("auto", "demo", "fresh"),
@@ -276,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", metavar="DIR", help="the demo's checkpoint cache (default: the demo's default)")
     parser.add_argument("--calibration-rows", type=int, default=1024,
                         help="rows the fresh models' thresholds are set on (default 1024)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    common_arguments(parser, json_help="write the report as JSON")
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
@@ -284,16 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     if args.loop_rows < 1:
         parser.error("--loop-rows must be >= 1")
+    apply_threads(parser, args)
     try:
-        set_threads(args.threads)
         report = run(sizes, args.source, args.loop_rows, args.cell_seconds, args.calibration_rows, args.cache)
     except ValueError as err:
         parser.error(str(err))
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    return finish(report, args, format_report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -32,20 +31,25 @@ from collections import defaultdict
 import torch
 
 import adaexit.executor as _executor
+from adaexit.base import AdaptiveModel
 import adaexit.heads as _heads
 from adaexit.kernels import compact
 from adaexit.kernels._dispatch import host_sync_count
 
 from . import (
     EARLY_EXIT_MODELS,
+    apply_threads,
     cascade_networks,
     cnn_classifier,
+    common_arguments,
     contention_note,
     describe_machine,
+    describe_run,
+    finish,
     format_table,
     machine,
     policy_for_fractions,
-    set_threads,
+    sync,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ class CudaTimer(Timer):
         return a.elapsed_time(b)
 
     def _wait(self) -> None:
-        torch.cuda.synchronize(self.device)
+        sync(self.device)
 
 
 def make_timer(device: torch.device | str) -> Timer:
@@ -157,9 +161,9 @@ def instrument(model, timer: Timer, counts: dict):
     them and restored on exit; the library's own code runs unchanged. Host syncs (``to_host``) are
     timed on the host clock: that is the time the CPU waits for the device.
     """
-    nodes = model.graph() if hasattr(model, "graph") else None
-    if nodes is None:
-        raise ValueError(f"profile: {type(model).__name__} exposes no execution graph (graph())")
+    if not isinstance(model, AdaptiveModel):
+        raise ValueError(f"profile: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
+    nodes = model.graph()
     saved = [(mod, attr, getattr(mod, attr)) for mod, attr in _PATCH_SITES]
     saved.append((_executor, "to_host", _executor.to_host))
     sync_ms: list[float] = []
@@ -342,7 +346,7 @@ def profile_model(model, x: torch.Tensor, repeats: int = 10, compaction_repeats:
     # the features for a "carry" successor (a backbone stage), the input rows for a "source" one.
     nodes = model.graph()
     h = nodes[0].module(x)
-    _, route, _ = model._route(0, nodes[0], h, model.policy.init_state(x.shape[0], device))
+    _, route, _ = model.route(0, nodes[0], h, model.policy.init_state(x.shape[0], device))
     keep = route != 0 if route is not None else None
     if keep is not None and nodes[0].successors and bool(keep.any()):
         carried = h if nodes[nodes[0].successors[0]].takes == _executor.CARRY else x
@@ -354,7 +358,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"profile: {report['model']} at batch {report['batch']}, {report['repeats']} forwards, timer: {report['timer']}",
         f"device: {describe_machine(report['machine'])}",
-        f"policy: {report['policy']}; exits per exit {report['exit_counts']}, rows per stage {report['rows_run']}",
+        describe_run(report),
         f"forward: {report['forward_ms']:.3f} ms (median); not in a stage or kernel: {report['other_ms']:.3f} ms",
         f"host syncs per forward: {report['host_syncs_per_forward']} (decision points that ran: "
         f"{report['decision_points']}; {'equal' if report['syncs_equal_decision_points'] else 'NOT EQUAL'})",
@@ -432,15 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10, help="profiled forwards (default 10)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on 8x8 inputs (smoke tests)")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's choice)")
+    common_arguments(parser, threads_help="torch threads on CPU (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be >= 1")
-    try:
-        set_threads(args.threads)
-    except ValueError as err:
-        parser.error(str(err))
+    apply_threads(parser, args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
@@ -448,11 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     model, x = model.to(device), x.to(device)
     report = profile_model(model, x, repeats=args.repeats, compaction_repeats=5 if args.tiny else 20)
     report["system"] = args.system
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+    return finish(report, args, format_report)
 
 
 if __name__ == "__main__":

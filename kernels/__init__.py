@@ -1,7 +1,9 @@
 """Triton kernels for adaptive inference (installed as ``adaexit.kernels``).
 
-One op per module; each has a Triton kernel, a host wrapper that dispatches on the device
-(see :mod:`adaexit.kernels._dispatch`) and a PyTorch reference ``<op>_torch`` with the same signature.
+One op per module in :mod:`adaexit.kernels.ops` (``ops/<op>.py``); each has a Triton kernel, a host wrapper
+that dispatches on the device (see :mod:`adaexit.kernels._dispatch`) and a PyTorch reference ``<op>_torch``
+with the same signature. This package re-exports the ops' public functions; the op modules themselves are
+``adaexit.kernels.ops.<op>`` (no function here shadows a module).
 
 * :func:`exit_gate`    - pooled linear exit head + softmax confidence + threshold, in one pass.
 * :func:`partition`    - stable k-way partition of the batch by route.
@@ -10,15 +12,29 @@ One op per module; each has a Triton kernel, a host wrapper that dispatches on t
 * :func:`compact`      - keep the rows where ``keep`` is true, for any number of tensors.
 """
 
+from ._compile import CompileSpec
 from ._dispatch import backend_for, host_sync_count, interpreter_enabled
-from .compact import compact, compact_torch
-from .exit_gate import CRITERIA, exit_gate, exit_gate_torch
-from .gather_rows import gather_rows, gather_rows_torch
-from .partition import partition, partition_torch
-from .scatter_rows import scatter_rows, scatter_rows_torch
+from .ops import exit_gate as _exit_gate_op
+from .ops import gather_rows as _gather_rows_op
+from .ops import partition as _partition_op
+from .ops import scatter_rows as _scatter_rows_op
+from .ops.compact import compact, compact_torch
+from .ops.exit_gate import CRITERIA, exit_gate, exit_gate_torch
+from .ops.gather_rows import gather_rows, gather_rows_torch
+from .ops.partition import partition, partition_torch
+from .ops.scatter_rows import scatter_rows, scatter_rows_torch
+
+
+def all_specs() -> list[CompileSpec]:
+    """Every representative launch of every kernel in the package (for the ahead-of-time compile check;
+    ``compact`` has no kernel of its own: it is partition + gather_rows)."""
+    ops = (_exit_gate_op, _partition_op, _gather_rows_op, _scatter_rows_op)
+    return [spec for module in ops for spec in module.COMPILE_SPECS]
+
 
 __all__ = [
     "CRITERIA",
+    "all_specs",
     "backend_for",
     "compact",
     "compact_torch",

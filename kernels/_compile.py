@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of the Triton kernels for NVIDIA targets, without a GPU.
 
-Each kernel module lists representative launches in ``COMPILE_SPECS``; :func:`compile_spec` compiles one
-for a compute capability (80 = A100, 90 = H100) and reads the resource usage that ``cuobjdump -res-usage``
-reports for the cubin: registers, stack, local memory (spills) and shared memory.
+Each op module (``ops/<op>.py``) lists representative launches in ``COMPILE_SPECS``; :func:`compile_spec`
+compiles one for a compute capability (80 = A100, 90 = H100) and reads the resource usage that
+``cuobjdump -res-usage`` reports for the cubin: registers, stack, local memory (spills) and shared memory.
 """
 
 from __future__ import annotations
@@ -75,15 +75,3 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileResult:
     # Dynamic shared memory (Triton's scratch for reductions/layout conversions) is not in the cubin.
     shared_total = int(shared) + int(compiled.metadata.shared)
     return CompileResult(spec.label, arch, name, int(reg), int(stack), int(local), shared_total)
-
-
-def all_specs() -> list[CompileSpec]:
-    """Every representative launch of every kernel in the package."""
-    import importlib
-
-    specs: list[CompileSpec] = []
-    # compact has no kernel of its own: it is partition + gather_rows.
-    for name in ("exit_gate", "partition", "gather_rows", "scatter_rows"):
-        # import_module: the package namespace binds these names to the ops, not the modules
-        specs.extend(importlib.import_module(f"{__package__}.{name}").COMPILE_SPECS)
-    return specs

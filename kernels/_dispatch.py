@@ -13,14 +13,9 @@ import os
 
 import torch
 
+from ._triton import HAS_TRITON  # triton is a Linux-only dependency; the torch references work without it
+
 BACKENDS = ("auto", "torch", "triton")
-
-try:  # triton is a Linux-only dependency; the torch references work without it
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
 
 
 def interpreter_enabled() -> bool:

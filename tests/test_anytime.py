@@ -7,6 +7,7 @@ that the expected number of stages is far from the decision boundary (no tight t
 
 import math
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -28,33 +29,19 @@ from adaexit.anytime import (
 )
 from adaexit.kernels import _dispatch
 from adaexit.training import AdaLossWeighting, OscillatingWeighting
+from helpers import cnn_net, mlp_net, randn_inputs
 
 CLASSES = 4
 WIDTHS = [10, 16, 24, 24, 32]
 BATCH = 1, 4, 6
 
 
-def mlp_net(policy=None, seed=0):
-    torch.manual_seed(seed)
-    stages = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(WIDTHS, WIDTHS[1:])]
-    heads = [ExitHead(w, CLASSES) for w in WIDTHS[1:]]
-    return EarlyExitNet(stages, heads, policy).eval()
-
-
-def cnn_net(policy=None, seed=0):
-    torch.manual_seed(seed)
-    stages = [
-        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()),
-    ]
-    heads = [ExitHead(4, CLASSES), ExitHead.conv(8, CLASSES, width=8), ExitHead(8, CLASSES)]
-    return EarlyExitNet(stages, heads, policy).eval()
+mlp = partial(mlp_net, WIDTHS, CLASSES)
+cnn = partial(cnn_net, CLASSES)
 
 
 def inputs(n, seed=1, kind="mlp"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, WIDTHS[0]) if kind == "mlp" else (n, 1, 8, 8), generator=g) * 2
+    return randn_inputs(n, WIDTHS[0] if kind == "mlp" else (1, 8, 8), seed, scale=2)
 
 
 def dense_at(model, x, exit_index):
@@ -74,7 +61,7 @@ def reach_cost(stage, head, k):
 @given(fraction=st.floats(0.0, 1.2), confident=st.booleans())
 def test_anytime_batch_budget_never_exceeded(fraction, confident):
     policy = ConfidencePolicy("maxprob", [0.5, 0.6, 0.7]) if confident else None
-    model = mlp_net(policy)
+    model = mlp(policy)
     x = inputs(24)
     runner = AnytimeRunner(model)
     stage, head = runner.costs(x)
@@ -96,7 +83,7 @@ def test_anytime_batch_budget_never_exceeded(fraction, confident):
 
 
 def test_anytime_batch_budget_stops_at_expected_exit():
-    model = mlp_net()  # never-exit policy: only the budget stops
+    model = mlp()  # never-exit policy: only the budget stops
     x = inputs(6)
     runner = AnytimeRunner(model)
     stage, head = runner.costs(x)
@@ -114,7 +101,7 @@ def test_anytime_batch_budget_stops_at_expected_exit():
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_anytime_per_example_budget_each_row_stops_at_last_affordable_exit(kind):
-    model = mlp_net() if kind == "mlp" else cnn_net()
+    model = mlp() if kind == "mlp" else cnn()
     x = inputs(13, kind=kind)
     runner = AnytimeRunner(model)
     stage, head = runner.costs(x)
@@ -139,7 +126,7 @@ def test_anytime_per_example_budget_each_row_stops_at_last_affordable_exit(kind)
 def test_anytime_per_example_budget_with_confidence_policy():
     """The budget is one more reason to stop: never later than the policy alone, same logits."""
     policy = ConfidencePolicy("maxprob", [0.45, 0.5, 0.55])
-    model = mlp_net(policy)
+    model = mlp(policy)
     x = inputs(40)
     with torch.no_grad():
         _, alone = model(x, return_info=True)
@@ -159,7 +146,7 @@ def test_anytime_per_example_budget_with_confidence_policy():
 @pytest.mark.parametrize("n", BATCH)
 def test_anytime_per_example_budget_independent_of_the_batch(n):
     """Nothing lost: a row's prediction and exit under its own budget do not depend on its batch."""
-    model = mlp_net(ConfidencePolicy("margin", [0.3, 0.3, 0.3]))
+    model = mlp(ConfidencePolicy("margin", [0.3, 0.3, 0.3]))
     x = inputs(n, seed=n)
     runner = AnytimeRunner(model)
     reach = runner.exit_flops(x)
@@ -177,7 +164,7 @@ def test_anytime_per_example_budget_independent_of_the_batch(n):
 
 def test_anytime_generous_batch_budget_adds_no_host_sync():
     """A budget that cannot bind is checked on the host: no decisions, no partitions, no syncs."""
-    model = mlp_net()
+    model = mlp()
     x = inputs(8)
     runner = AnytimeRunner(model)
     runner.costs(x)  # FLOPs counted (and cached) before counting syncs
@@ -265,7 +252,7 @@ def test_anytime_deadline_and_budget_together():
 
 # -- errors and edge cases ------------------------------------------------------------------------
 def test_anytime_bad_budgets_raise_value_error_naming_the_argument():
-    model = mlp_net()
+    model = mlp()
     x = inputs(4)
     runner = AnytimeRunner(model)
     first = runner.min_budget(x)
@@ -284,11 +271,11 @@ def test_anytime_bad_budgets_raise_value_error_naming_the_argument():
     with pytest.raises(ValueError, match="EarlyExitNet"):
         AnytimeRunner(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="budgets"):
-        anytime_curve(mlp_net(), (x, torch.zeros(4, dtype=torch.long)), [first / 2])
+        anytime_curve(mlp(), (x, torch.zeros(4, dtype=torch.long)), [first / 2])
 
 
 def test_anytime_empty_batch():
-    model = mlp_net()
+    model = mlp()
     x = inputs(0)
     logits, info = anytime_predict(model, x, budget_flops=0.0, per_example_budget=torch.zeros(0), deadline_ms=10)
     assert logits.shape == (0, CLASSES)
@@ -296,7 +283,7 @@ def test_anytime_empty_batch():
 
 
 def test_anytime_policy_still_exits_early_under_a_budget():
-    model = mlp_net(ConfidencePolicy("maxprob", [0.0, 0.0, 0.0]))  # everyone exits at the first exit
+    model = mlp(ConfidencePolicy("maxprob", [0.0, 0.0, 0.0]))  # everyone exits at the first exit
     x = inputs(5)
     runner = AnytimeRunner(model)
     _, info = runner(x, budget_flops=1e9, per_example_budget=torch.full((5,), 1e9))
@@ -306,13 +293,12 @@ def test_anytime_policy_still_exits_early_under_a_budget():
 
 # -- curves -----------------------------------------------------------------------------------------
 def test_anytime_curve_accuracy_against_budget_and_plot(tmp_path):
-    model = mlp_net()
+    model = mlp()
     x = inputs(64, seed=5)
     with torch.no_grad():
         y = model(x).argmax(1)  # labels = the full model's prediction: full budget -> accuracy 1
         y[::4] = (y[::4] + 1) % CLASSES  # ... except every fourth row
     runner = AnytimeRunner(model)
-    reach = runner.exit_flops(x)
     stage, head = runner.costs(x)
     budgets = [reach_cost(stage, head, k) for k in range(model.num_exits)]
     curve = anytime_curve(model, (x, y), budgets, batch_size=20)

@@ -14,18 +14,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 
-from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy, PatiencePolicy  # noqa: E402
+from adaexit import ConfidencePolicy, NeverExitPolicy, PatiencePolicy  # noqa: E402
 from adaexit.cascade import Cascade  # noqa: E402
 
 import bench  # noqa: E402
 from bench import baselines  # noqa: E402
+from helpers import mlp_net, randn_inputs  # noqa: E402
 
 
 def _mlp_net(seed=0, width=16, classes=5, exits=3):
-    torch.manual_seed(seed)
-    stages = [nn.Sequential(nn.Linear(8 if k == 0 else width, width), nn.ReLU()) for k in range(exits)]
-    heads = [ExitHead(width, classes) for _ in range(exits)]
-    return EarlyExitNet(stages, heads).eval()
+    return mlp_net([8] + [width] * exits, classes, seed=seed)  # 8 features in
 
 
 def _cnn_net(seed=0):
@@ -40,9 +38,8 @@ def _cascade(seed=0):
 
 def _inputs(model, n, seed=0):
     """Rows for ``model``: 8 features for the MLP, 1x8x8 images for the CNNs."""
-    gen = torch.Generator().manual_seed(seed)
     mlp = isinstance(model.stages[0][0], nn.Linear)
-    return torch.randn(*((n, 8) if mlp else (n, 1, 8, 8)), generator=gen)
+    return randn_inputs(n, 8 if mlp else (1, 8, 8), seed)
 
 
 def _agree(model, x, via="auto"):
@@ -156,7 +153,7 @@ def test_bad_arguments():
         baselines.masked_dense(model, via="sparse")
     with pytest.raises(ValueError, match="unknown strategy 'fast'"):
         baselines.strategies(model, ["plain", "fast"])
-    with pytest.raises(ValueError, match="exit_logits"):
+    with pytest.raises(ValueError, match="AdaptiveModel, got Linear"):
         baselines.plain(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="fractions"):
         bench.policy_for_fractions(model, torch.randn(4, 1, 8, 8), [0.5])
@@ -192,6 +189,27 @@ def test_format_table():
     lines = text.splitlines()
     assert lines[0].split() == ["name", "ms"] and set(lines[1]) <= {"-", " "}
     assert lines[2].split() == ["a", "1.2"] and lines[3].split() == ["bb", "-"]
+
+
+def test_common_arguments_and_finish(tmp_path, capsys):
+    """The scripts' shared command line and ending: --json / --threads, a bad thread count is a usage
+    error, the report is printed and written as JSON."""
+    import json
+
+    parser = bench.common_arguments(argparse.ArgumentParser(prog="x"), json_help="J", threads_help="T")
+    assert parser.parse_args([]).json is None and parser.parse_args([]).threads is None
+    args = parser.parse_args(["--json", str(tmp_path / "r.json"), "--threads", "1"])
+    bench.apply_threads(parser, args)
+    assert torch.get_num_threads() == 1
+    with pytest.raises(SystemExit):
+        bench.apply_threads(parser, parser.parse_args(["--threads", "0"]))
+    assert "threads must be >= 1" in capsys.readouterr().err
+    report = {"benchmark": "x", "values": [1.5, 2]}
+    assert bench.finish(report, args, lambda r: f"report {r['benchmark']}") == 0
+    assert capsys.readouterr().out == "report x\n"
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    assert bench.finish(report, parser.parse_args([]), str) == 0  # no --json: nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 def test_bench_early_exit_report_structure():

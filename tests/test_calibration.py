@@ -17,7 +17,7 @@ from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy
 from adaexit.calibration import (
     TIE_TOL,
     CalibrationPoint,
-    _uniform_thresholds,
+    uniform_thresholds,
     calibrate,
     exit_scores,
     fit_learned_gates,
@@ -30,6 +30,7 @@ from adaexit.calibration import (
 from adaexit.data import make_loader
 from adaexit.policies import LearnedPolicy
 from adaexit.training import train as train_multi_exit
+from helpers import cnn_net
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -81,16 +82,7 @@ def trained():
 
 def cnn(seed=0, classes=5):
     """An untrained CNN whose heads are scaled up so confidences spread over (0, 1)."""
-    torch.manual_seed(seed)
-    stages = [
-        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()),
-    ]
-    heads = [ExitHead(4, classes), ExitHead.conv(8, classes, width=8), ExitHead(8, classes)]
-    for head in heads:
-        head.classifier.weight.data *= 6
-    return EarlyExitNet(stages, heads).eval()
+    return cnn_net(classes, seed=seed, head_scale=6)
 
 
 def run(model, policy, x):
@@ -188,7 +180,7 @@ def test_cnn_threshold_policies_simulate_exactly(criterion, picks, n):
     y = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(n + 1))
     with torch.no_grad():
         scores = exit_scores(model.exit_logits(x), criterion)
-    grid = _uniform_thresholds(scores) + [math.inf]
+    grid = uniform_thresholds(scores) + [math.inf]
     thresholds = [grid[min(int(p * len(grid)), len(grid) - 1)] for p in picks]
     stage_costs, head_costs = model.exit_costs(x, "flops")
     assert_matches_executor(model, ConfidencePolicy(criterion, thresholds), scores, thresholds, x, y,
@@ -389,9 +381,9 @@ def test_errors(trained):
         calibrate(model, (x, y), criteria=("confidence",), progress=False)
     with pytest.raises(ValueError, match="'patience'"):
         calibrate(model, (x, y), policies=("patience",), progress=False)
-    with pytest.raises(ValueError, match="num_exits, exit_logits, exit_costs, set_policy"):
+    with pytest.raises(ValueError, match="must be an adaexit AdaptiveModel, got Linear"):
         calibrate(nn.Linear(8, 4), (x, y), progress=False)
-    with pytest.raises(ValueError, match="missing exit_costs, set_policy"):
+    with pytest.raises(ValueError, match="must be an adaexit AdaptiveModel, got _Partial"):
         calibrate(_Partial(), (x, y), progress=False)
     with pytest.raises(ValueError, match="2000 rows but y has 10"):
         calibrate(model, (x, y[:10]), progress=False)

@@ -23,7 +23,8 @@ from adaexit.cascade import (
     plot_frontier,
 )
 from adaexit.cost import chain_flops, count_flops
-from adaexit.kernels import _dispatch, exit_gate_torch
+from adaexit.kernels import _dispatch
+from helpers import RowCounter, dense_scores, easy_hard, first_exit, fit, mlp_net, randn_inputs
 
 CLASSES = 5
 DIM = 8
@@ -42,9 +43,7 @@ def mlp(widths, seed):
 
 
 def een(seed):
-    torch.manual_seed(seed)
-    stages = [nn.Sequential(nn.Linear(DIM, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU())]
-    return EarlyExitNet(stages, [ExitHead(16, CLASSES), ExitHead(16, CLASSES)])
+    return mlp_net([DIM, 16, 16], CLASSES, seed=seed)  # a 2-exit EarlyExitNet
 
 
 def build(kind, policy=None):
@@ -64,34 +63,7 @@ KINDS = ("networks", "with_een", "een_first")
 
 
 def inputs(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, DIM, generator=g) * 3
-
-
-def dense_scores(cascade, x, criterion):
-    with torch.no_grad():
-        logits = cascade.exit_logits(x)
-    return torch.stack([exit_gate_torch(z, None, criterion=criterion)[1] for z in logits]), logits
-
-
-def first_exit(scores, thresholds):
-    last = scores.shape[0] - 1
-    exits = torch.full((scores.shape[1],), last, dtype=torch.long)
-    for k in reversed(range(last)):
-        exits = torch.where(scores[k] >= thresholds[k], torch.full_like(exits, k), exits)
-    return exits
-
-
-class RowCounter:
-    """Forward pre-hook counting the rows (and recording the inputs) each module sees."""
-
-    def __init__(self, module):
-        self.rows, self.inputs = 0, []
-        module.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        self.rows += args[0].shape[0]
-        self.inputs.append(args[0].detach().clone())
+    return randn_inputs(n, DIM, seed, scale=3)
 
 
 class TablePolicy(RoutingPolicy):
@@ -410,7 +382,8 @@ def test_exit_costs_and_info_flops():
     assert info.flops == pytest.approx(spent)
     assert info.full_flops == pytest.approx(64 * stage[3])  # the strongest single network alone
     latency_stage, latency_head = c.exit_costs(x, "latency")
-    assert len(latency_stage) == 4 and all(t > 0 for t in latency_stage) and latency_head[0] == 0.0
+    # every node's decision is timed too: a whole network's LogitsHead runs the gate on its logits
+    assert len(latency_stage) == 4 and all(t > 0 for t in latency_stage + latency_head)
     with pytest.raises(ValueError, match="cost"):
         c.exit_costs(x, "joules")
 
@@ -485,28 +458,6 @@ def test_frontier_table_and_plot(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # a synthetic task with a known easy/hard split (shared by network selection and calibrate)
 # ---------------------------------------------------------------------------------------------
-def easy_hard(n, seed):
-    """Easy rows: the label is the sign of x0 (|x0| >= 2; a linear model suffices). Hard rows: x0 ~ 0 and
-    the label is XOR(x1 > 0, x2 > 0) (needs a non-linear network). Returns ``x, y, hard``."""
-    g = torch.Generator().manual_seed(seed)
-    hard = torch.rand(n, generator=g) < 0.5
-    y_easy = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 4, generator=g)
-    x[:, 1:3] = x[:, 1:3].sign() * (0.25 + x[:, 1:3].abs())
-    y_hard = ((x[:, 1] > 0) ^ (x[:, 2] > 0)).long()
-    x[:, 0] = torch.where(hard, 0.05 * torch.randn(n, generator=g), (2 * y_easy - 1) * (2 + torch.rand(n, generator=g)))
-    return x, torch.where(hard, y_hard, y_easy), hard
-
-
-def fit(model, x, y, steps, lr):
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def task():
     """Trained nets: small linear (easy rows only), a costlier *linear* middle net (still easy rows

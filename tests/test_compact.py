@@ -154,12 +154,11 @@ def test_compact_errors(backend, monkeypatch):
 
 
 _COMPILE_SCRIPT = """
-import importlib, json
+import json
 from adaexit.kernels import _compile
+from adaexit.kernels.ops import compact, gather_rows, partition, scatter_rows
 results = []
-for name in ("partition", "gather_rows", "scatter_rows", "compact"):
-    # import_module: the package re-exports functions under these names, shadowing the modules
-    module = importlib.import_module("adaexit.kernels." + name)
+for module in (partition, gather_rows, scatter_rows, compact):
     for spec in module.COMPILE_SPECS:
         for arch in _compile.TARGETS:
             r = _compile.compile_spec(spec, arch)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from adaexit.executor import CARRY, SOURCE, Node
+from adaexit.executor import SOURCE, Node
 from adaexit.heads import ExitHead
 from adaexit.kernels import _dispatch
 from adaexit.routing import (
@@ -20,6 +20,7 @@ from adaexit.routing import (
     hierarchy_d2nn,
     high_low_d2nn,
 )
+from helpers import RowCounter
 
 IN, CLASSES = 8, 3
 BUILDERS = {
@@ -70,19 +71,6 @@ def dense_reference(model, x):
     return out, exit_index, reach
 
 
-class Recorder(nn.Module):
-    """Wraps a module and records the input rows it sees."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.module(x)
-
-
 @pytest.mark.parametrize("topology", sorted(BUILDERS))
 def test_d2nn_routing_matches_dense_reference_and_loses_nothing(topology):
     model = spread_controllers(BUILDERS[topology]())
@@ -103,18 +91,18 @@ def test_d2nn_routing_matches_dense_reference_and_loses_nothing(topology):
 
 def test_d2nn_routing_each_branch_runs_only_on_its_rows():
     model = high_low_d2nn(IN, CLASSES, width=8, high_width=16)
-    model.nodes[1].module = Recorder(model.nodes[1].module)  # high branch
-    model.nodes[2].module = Recorder(model.nodes[2].module)  # low branch
+    high_rows = RowCounter(model.nodes[1].module)  # high branch
+    low_rows = RowCounter(model.nodes[2].module)  # low branch
     spread_controllers(model)
     x = torch.randn(40, IN)
     with torch.no_grad():
         choice = model.controllers["0"](x).argmax(1)  # stem is the identity: the controller reads x
     assert 0 < int((choice == 0).sum()) < 40  # both branches get rows
     model.node_flops(x)  # FLOPs are traced on one example: done before recording
-    model.nodes[1].module.seen.clear()
-    model.nodes[2].module.seen.clear()
+    high_rows.clear()
+    low_rows.clear()
     model(x)
-    high, low = model.nodes[1].module.seen, model.nodes[2].module.seen
+    high, low = high_rows.inputs, low_rows.inputs
     assert len(high) == len(low) == 1
     assert torch.equal(high[0], x[choice == 0])  # exactly its rows, in their original order
     assert torch.equal(low[0], x[choice == 1])
@@ -122,17 +110,16 @@ def test_d2nn_routing_each_branch_runs_only_on_its_rows():
 
 def test_d2nn_routing_hierarchy_branches_see_only_their_rows():
     model = spread_controllers(hierarchy_d2nn(IN, CLASSES, width=10, branching=(3, 2)), seed=1)
-    for node in model.nodes:
-        node.module = Recorder(node.module)
+    counters = [RowCounter(node.module) for node in model.nodes]
     x = torch.randn(60, IN)
     model.node_flops(x)
     _, _, reach = dense_reference(model, x)
-    for node in model.nodes:  # reset: FLOP tracing and the reference ran every module
-        node.module.seen.clear()
+    for counter in counters:  # reset: FLOP tracing and the reference ran every module
+        counter.clear()
     model(x)
-    for i, node in enumerate(model.nodes):
+    for i, counter in enumerate(counters):
         rows = int(reach[i].sum())
-        assert sum(t.shape[0] for t in node.module.seen) == rows, f"node {i}"
+        assert sum(t.shape[0] for t in counter.inputs) == rows, f"node {i}"
     leaves = [i for i, node in enumerate(model.nodes) if not node.successors]
     assert sum(int(reach[i].sum()) for i in leaves) == 60  # each row reaches exactly one leaf
     assert sum(1 for i in leaves if reach[i].any()) >= 2

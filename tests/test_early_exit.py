@@ -1,6 +1,7 @@
 """EarlyExitNet and the executor: nothing lost, per-example equivalence, policies, errors."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -9,53 +10,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy, PatiencePolicy
-from adaexit.kernels import _dispatch, exit_gate_torch
+from adaexit.kernels import _dispatch
+from helpers import cnn_net, dense_scores, first_exit, mlp_net, randn_inputs
 
 CLASSES = 5
-
-
-def mlp_net(policy=None, seed=0):
-    torch.manual_seed(seed)
-    widths = [12, 16, 16, 16]
-    stages = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:])]
-    heads = [ExitHead(w, CLASSES) for w in widths[1:]]
-    return EarlyExitNet(stages, heads, policy).eval()
-
-
-def cnn_net(policy=None, seed=0):
-    torch.manual_seed(seed)
-    stages = [
-        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()),
-    ]
-    heads = [ExitHead(4, CLASSES), ExitHead.conv(8, CLASSES, width=8), ExitHead(8, CLASSES)]
-    return EarlyExitNet(stages, heads, policy).eval()
+mlp = partial(mlp_net, [12, 16, 16, 16], CLASSES)  # 12 features in, three exits
+cnn = partial(cnn_net, CLASSES)
+SHAPES = {"mlp": 12, "cnn": (1, 8, 8)}
 
 
 def inputs(kind, n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = (n, 12) if kind == "mlp" else (n, 1, 8, 8)
-    return torch.randn(shape, generator=g) * 3
+    return randn_inputs(n, SHAPES[kind], seed, scale=3)
 
 
-BUILDERS = {"mlp": mlp_net, "cnn": cnn_net}
-
-
-def dense_scores(model, x, criterion):
-    """Confidence of every exit for every row, from the dense path and the torch reference."""
-    with torch.no_grad():
-        logits = model.exit_logits(x)
-    return torch.stack([exit_gate_torch(z, None, criterion=criterion)[1] for z in logits]), logits
-
-
-def expected_exits(scores, thresholds):
-    """The first exit whose score clears its threshold (the last exit always fires)."""
-    k_last = scores.shape[0] - 1
-    exits = torch.full((scores.shape[1],), k_last, dtype=torch.long)
-    for k in reversed(range(k_last)):
-        exits = torch.where(scores[k] >= thresholds[k], torch.full_like(exits, k), exits)
-    return exits
+BUILDERS = {"mlp": mlp, "cnn": cnn}
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -78,7 +46,7 @@ def test_nothing_lost_and_each_row_equals_running_it_alone(kind, n, criterion, q
 
     with torch.no_grad():
         out, info = model(x[perm], return_info=True)
-    want = expected_exits(scores, thresholds)[perm]
+    want = first_exit(scores, thresholds)[perm]
     assert out.shape == (n, CLASSES)
     assert torch.equal(info.exit_index, want)  # exactly one exit per row, the right one
     assert sum(info.exit_counts) == n
@@ -106,7 +74,7 @@ def test_never_exit_policy_is_the_plain_model(kind):
 
 
 def test_thresholds_above_one_skip_the_heads_entirely():
-    model = mlp_net(ConfidencePolicy("maxprob", [1.5, 2.0]))
+    model = mlp(ConfidencePolicy("maxprob", [1.5, 2.0]))
     calls = []
     for head in model.heads:
         head.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -119,7 +87,7 @@ def test_thresholds_above_one_skip_the_heads_entirely():
 
 
 def test_all_rows_exit_at_the_first_head():
-    model = cnn_net(ConfidencePolicy("maxprob", [0.0, 0.0]))
+    model = cnn(ConfidencePolicy("maxprob", [0.0, 0.0]))
     x = inputs("cnn", 17)
     with torch.no_grad():
         out, info = model(x, return_info=True)
@@ -133,7 +101,7 @@ def test_all_rows_exit_at_the_first_head():
 
 
 def test_flops_count_only_the_work_that_ran():
-    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    model = mlp(ConfidencePolicy("maxprob", [0.3, 0.3]))
     x = inputs("mlp", 50)
     with torch.no_grad():
         _, info = model(x, return_info=True)
@@ -145,7 +113,7 @@ def test_flops_count_only_the_work_that_ran():
 
 
 def test_one_host_sync_per_decision_point():
-    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    model = mlp(ConfidencePolicy("maxprob", [0.3, 0.3]))
     x = inputs("mlp", 64)
     before = _dispatch.host_sync_count()
     with torch.no_grad():
@@ -155,7 +123,7 @@ def test_one_host_sync_per_decision_point():
 
 
 def test_empty_batch_gives_empty_output():
-    model = cnn_net(ConfidencePolicy("entropy", [0.5, 0.5]))
+    model = cnn(ConfidencePolicy("entropy", [0.5, 0.5]))
     with torch.no_grad():
         out, info = model(torch.empty(0, 1, 8, 8), return_info=True)
     assert out.shape == (0, CLASSES)
@@ -165,7 +133,7 @@ def test_empty_batch_gives_empty_output():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_and_inf_rows_never_exit_early(bad):
-    model = mlp_net(ConfidencePolicy("maxprob", [0.0, 0.0]))  # every finite row exits at once
+    model = mlp(ConfidencePolicy("maxprob", [0.0, 0.0]))  # every finite row exits at once
     x = inputs("mlp", 6)
     x[2] = bad
     with torch.no_grad():
@@ -175,7 +143,7 @@ def test_nan_and_inf_rows_never_exit_early(bad):
 
 
 def test_deterministic():
-    model = cnn_net(ConfidencePolicy("margin", [0.05, 0.05]))
+    model = cnn(ConfidencePolicy("margin", [0.05, 0.05]))
     x = inputs("cnn", 40)
     with torch.no_grad():
         a, ia = model(x, return_info=True)
@@ -184,7 +152,7 @@ def test_deterministic():
 
 
 def test_train_mode_returns_every_exit():
-    model = mlp_net(ConfidencePolicy("maxprob", [0.0, 0.0])).train()
+    model = mlp(ConfidencePolicy("maxprob", [0.0, 0.0])).train()
     outs = model(inputs("mlp", 9))
     assert isinstance(outs, list) and len(outs) == 3
     assert all(o.shape == (9, CLASSES) for o in outs)
@@ -192,39 +160,9 @@ def test_train_mode_returns_every_exit():
         model(inputs("mlp", 9), return_info=True)
 
 
-def patience_reference(dense_logits, patience):
-    """Row by row: exit once `patience` consecutive exits agree on the argmax."""
-    preds = torch.stack([z.argmax(1) for z in dense_logits])  # [K, N]
-    exits = []
-    for col in preds.T.tolist():
-        streak, prev, chosen = 0, None, len(col) - 1
-        for k, p in enumerate(col):
-            streak = streak + 1 if p == prev else 1
-            prev = p
-            if streak >= patience:
-                chosen = k
-                break
-        exits.append(chosen)
-    return torch.tensor(exits)
-
-
-@pytest.mark.parametrize("patience", [1, 2, 3])
-def test_patience_policy_matches_its_definition(patience):
-    model = mlp_net(PatiencePolicy(patience))
-    x = inputs("mlp", 200)
-    with torch.no_grad():
-        dense = model.exit_logits(x)
-        out, info = model(x, return_info=True)
-    want = patience_reference(dense, patience)
-    assert torch.equal(info.exit_index, want)
-    torch.testing.assert_close(out, torch.stack(dense)[want, torch.arange(200)])
-    if patience == 2:
-        assert 0 < info.exit_counts[1] < 200  # the counter really travels with the survivors
-
-
 def test_wrong_threshold_count_names_the_problem():
     with pytest.raises(ValueError, match="2 thresholds.*3 exits|3 exits"):
-        mlp_net(ConfidencePolicy("maxprob", [0.5]))
+        mlp(ConfidencePolicy("maxprob", [0.5]))
     with pytest.raises(ValueError, match="criterion"):
         ConfidencePolicy("confidence", [0.5, 0.5])
     with pytest.raises(ValueError, match="NaN"):
@@ -258,7 +196,7 @@ def test_heads_must_have_a_gate():
 
 
 def test_replacing_a_head_takes_effect_in_eval():
-    model = mlp_net(ConfidencePolicy("maxprob", [0.0, 0.0]))
+    model = mlp(ConfidencePolicy("maxprob", [0.0, 0.0]))
     model.heads[0] = ExitHead(16, CLASSES)
     x = inputs("mlp", 5)
     with torch.no_grad():
@@ -266,7 +204,7 @@ def test_replacing_a_head_takes_effect_in_eval():
 
 
 def test_half_precision_model_returns_its_own_dtype():
-    model = mlp_net(NeverExitPolicy()).to(torch.bfloat16)
+    model = mlp(NeverExitPolicy()).to(torch.bfloat16)
     x = inputs("mlp", 7).to(torch.bfloat16)
     with torch.no_grad():
         out = model(x)
@@ -277,13 +215,13 @@ def test_half_precision_model_returns_its_own_dtype():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 def test_tracing_sparse_execution_is_refused():
-    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    model = mlp(ConfidencePolicy("maxprob", [0.3, 0.3]))
     with pytest.raises(ValueError, match="cannot be traced"):
         torch.jit.trace(model, inputs("mlp", 4))
 
 
 def test_saved_policy_settings_are_validated_on_load():
-    model = mlp_net(ConfidencePolicy("maxprob", [0.3, 0.3]))
+    model = mlp(ConfidencePolicy("maxprob", [0.3, 0.3]))
     state = model.state_dict()
     state["policy._extra_state"] = {"policy": "ConfidencePolicy", "criterion": "maxprob", "thresholds": [0.1]}
     with pytest.raises(ValueError, match="1 thresholds"):
@@ -294,8 +232,8 @@ def test_saved_policy_settings_are_validated_on_load():
 
 
 def test_policy_lives_in_state_dict():
-    model = mlp_net(ConfidencePolicy("entropy", [0.2, 0.4]))
-    fresh = mlp_net(ConfidencePolicy("maxprob", [0.9, 0.9]), seed=1)
+    model = mlp(ConfidencePolicy("entropy", [0.2, 0.4]))
+    fresh = mlp(ConfidencePolicy("maxprob", [0.9, 0.9]), seed=1)
     fresh.load_state_dict(model.state_dict())
     assert fresh.policy.criterion == "entropy" and fresh.policy.thresholds == [0.2, 0.4]
     x = inputs("mlp", 30)
@@ -309,8 +247,8 @@ def test_policy_lives_in_state_dict():
     "policy", [ConfidencePolicy("margin", [0.1, 0.3]), PatiencePolicy(2)], ids=["confidence", "patience"]
 )
 def test_a_fresh_model_loads_the_saved_policy_class(policy):
-    model = mlp_net(policy)
-    fresh = mlp_net(seed=3)  # default policy: never exit
+    model = mlp(policy)
+    fresh = mlp(seed=3)  # default policy: never exit
     fresh.load_state_dict(model.state_dict())
     assert type(fresh.policy) is type(policy)
     x = inputs("mlp", 40)
@@ -321,8 +259,8 @@ def test_a_fresh_model_loads_the_saved_policy_class(policy):
 
 
 def test_loading_a_foreign_policy_state_is_a_clear_error():
-    model = mlp_net(ConfidencePolicy("margin", [0.1, 0.3]))
+    model = mlp(ConfidencePolicy("margin", [0.1, 0.3]))
     state = model.state_dict()
     state["policy._extra_state"] = {"policy": "SomethingElse", "x": 1}
     with pytest.raises(ValueError, match="SomethingElse"):
-        mlp_net().load_state_dict(state)
+        mlp().load_state_dict(state)

@@ -1,13 +1,11 @@
 """gather_rows / scatter_rows: Triton kernels (interpreter) against ``x[index]`` / ``out[index] = src``."""
 
-import importlib
-
 import pytest
 import torch
 
-from adaexit.kernels import gather_rows, gather_rows_torch, scatter_rows, scatter_rows_torch
-
-gather_mod = importlib.import_module("adaexit.kernels.gather_rows")
+from adaexit.kernels import _layout, gather_rows, gather_rows_torch, scatter_rows, scatter_rows_torch
+from adaexit.kernels.ops import gather_rows as gather_mod
+from adaexit.kernels.ops import scatter_rows as scatter_mod
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 
@@ -84,8 +82,8 @@ def test_gather_rows_triton_many_row_blocks(triton_backend, shape):
 @pytest.mark.interpreter
 def test_gather_rows_triton_small_tiles(triton_backend, monkeypatch):
     """Tiles smaller than a row: several column chunks, ragged last chunk, on both kernels."""
-    monkeypatch.setattr(gather_mod, "_TILE_BYTES", 64)
-    monkeypatch.setattr(gather_mod, "_MAX_COL_BYTES", 32)
+    monkeypatch.setattr(_layout, "_TILE_BYTES", 64)
+    monkeypatch.setattr(_layout, "_MAX_COL_BYTES", 32)
     for x in (rand((10, 3, 4, 5), torch.float32), rand((10, 4, 8), torch.float16)[..., :7]):
         index = torch.randint(0, 10, (17,))
         assert torch.equal(gather_rows(x, index), x[index])
@@ -247,7 +245,6 @@ def test_gather_rows_kernel_choice(triton_backend, monkeypatch, layout):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("out_layout,src_layout", SCATTER_PAIRS)
 def test_scatter_rows_kernel_choice(triton_backend, monkeypatch, out_layout, src_layout):
-    scatter_mod = importlib.import_module("adaexit.kernels.scatter_rows")
     calls = _spy_kernels(monkeypatch, scatter_mod, ["_scatter_rows_kernel", "_scatter_rows_strided_kernel"])
     index = torch.tensor([1, 0])
     out, src = scatter_case(out_layout, src_layout, 6, index)

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead
+from adaexit import ConfidencePolicy
 from adaexit.calibration import (
     ALWAYS_FIRE,
     exit_statistics,
@@ -17,6 +16,7 @@ from adaexit.calibration import (
     simulate,
 )
 from adaexit.policies import LearnedPolicy
+from helpers import mlp_net
 
 CLASSES = 4
 
@@ -168,13 +168,7 @@ def test_ce_loss_and_fit_errors():
 # The policy inside a model
 # ---------------------------------------------------------------------------------------------
 def mlp(policy=None, seed=0):
-    torch.manual_seed(seed)
-    widths = [6, 16, 16, 16]
-    stages = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:])]
-    heads = [ExitHead(w, CLASSES) for w in widths[1:]]
-    for head in heads:
-        head.classifier.weight.data *= 5  # spread the confidences
-    return EarlyExitNet(stages, heads, policy).eval()
+    return mlp_net([6, 16, 16, 16], CLASSES, policy, seed, head_scale=5)  # scaled: spread the confidences
 
 
 def model_problem(n=500):

@@ -1,16 +1,12 @@
 """partition: Triton kernels (interpreter) and the torch reference, exact equality and properties."""
 
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adaexit.kernels import host_sync_count, partition, partition_torch
-
-# the package re-exports the function under the module's name, so fetch the module itself
-partition_mod = importlib.import_module("adaexit.kernels.partition")
+from adaexit.kernels.ops import partition as partition_mod
 
 SIZES = [0, 1, 7, 33, 100, 4097]  # 4097 > one block of the single-launch kernel (4096)
 NUM_ROUTES = [1, 2, 3, 5]

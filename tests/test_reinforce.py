@@ -5,25 +5,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy
 from adaexit.cascade import Cascade, SelectorPolicy, evaluate_policy, train_reinforce
 from adaexit.heads import LogitsHead
-
-
-def easy_hard(n, seed):
-    """Easy rows: the label is the sign of x0 (|x0| >= 2; a linear model suffices). Hard rows: x0 ~ 0 and
-    the label is XOR(x1 > 0, x2 > 0) (needs a non-linear network). Returns ``x, y, hard``."""
-    g = torch.Generator().manual_seed(seed)
-    hard = torch.rand(n, generator=g) < 0.5
-    y_easy = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 4, generator=g)
-    x[:, 1:3] = x[:, 1:3].sign() * (0.25 + x[:, 1:3].abs())
-    y_hard = ((x[:, 1] > 0) ^ (x[:, 2] > 0)).long()
-    x[:, 0] = torch.where(hard, 0.05 * torch.randn(n, generator=g), (2 * y_easy - 1) * (2 + torch.rand(n, generator=g)))
-    return x, torch.where(hard, y_hard, y_easy), hard
+from helpers import accuracy, easy_hard, fit
 
 
 def networks(seed=0):
@@ -43,17 +30,7 @@ def pretrained(data):
     """The two networks trained separately (plain cross-entropy), as a cascade would start from."""
     (x, y, _), _ = data
     small, big = networks()
-    for model, steps, lr in ((small, 150, 2e-2), (big, 300, 1e-2)):
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return small.eval(), big.eval()
-
-
-def accuracy(logits, y):
-    return float((logits.argmax(1) == y).float().mean())
+    return fit(small, x, y, 150, 2e-2), fit(big, x, y, 300, 1e-2)
 
 
 def test_reinforce_lowers_cost_at_equal_accuracy(data, pretrained):

@@ -44,25 +44,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._compile import CompileSpec
-from ._dispatch import HAS_TRITON, use_triton
+from .._compile import CompileSpec
+from .._dispatch import use_triton
+from .._triton import tl, triton
 
 CRITERIA = ("maxprob", "margin", "entropy", "learned")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-else:  # pragma: no cover - the torch reference works without triton
-
-    class _NoTriton:
-        def jit(self, fn=None, **kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-        constexpr = object
-
-    triton = _NoTriton()
-    tl = _NoTriton()
 
 
 # =============================================================================================
@@ -496,18 +483,14 @@ def _spec(label, h_dtype, w_dtype, *, spatial, K, N=256, channels_last=False, ha
     )
 
 
-COMPILE_SPECS = (
-    [
-        _spec("exit_gate fp32 [256,512] K=10", "fp32", "fp32", spatial=False, K=10),
-        _spec("exit_gate fp16 [256,512] K=10", "fp16", "fp16", spatial=False, K=10),
-        _spec("exit_gate bf16 [256,512] K=1000", "bf16", "bf16", spatial=False, K=1000),
-        _spec("exit_gate fp16 [256,512] K=1000", "fp16", "fp16", spatial=False, K=1000),
-        _spec("exit_gate fp16 h, fp32 w [256,512] K=1000", "fp16", "fp32", spatial=False, K=1000),
-        _spec("exit_gate fp32 [256,64,8,8] K=10", "fp32", "fp32", spatial=True, K=10),
-        _spec("exit_gate fp16 [256,64,8,8] K=1000 scratch", "fp16", "fp16", spatial=True, K=1000),
-        _spec("exit_gate bf16 channels_last [256,64,8,8] K=10", "bf16", "bf16", spatial=True, K=10, channels_last=True),
-        _spec("exit_gate fp32 logits [256,1000] (weight=None)", "fp32", "fp32", spatial=False, K=1000, has_weight=False, has_bias=False),
-    ]
-    if HAS_TRITON
-    else []
-)  # fmt: skip
+COMPILE_SPECS = [
+    _spec("exit_gate fp32 [256,512] K=10", "fp32", "fp32", spatial=False, K=10),
+    _spec("exit_gate fp16 [256,512] K=10", "fp16", "fp16", spatial=False, K=10),
+    _spec("exit_gate bf16 [256,512] K=1000", "bf16", "bf16", spatial=False, K=1000),
+    _spec("exit_gate fp16 [256,512] K=1000", "fp16", "fp16", spatial=False, K=1000),
+    _spec("exit_gate fp16 h, fp32 w [256,512] K=1000", "fp16", "fp32", spatial=False, K=1000),
+    _spec("exit_gate fp32 [256,64,8,8] K=10", "fp32", "fp32", spatial=True, K=10),
+    _spec("exit_gate fp16 [256,64,8,8] K=1000 scratch", "fp16", "fp16", spatial=True, K=1000),
+    _spec("exit_gate bf16 channels_last [256,64,8,8] K=10", "bf16", "bf16", spatial=True, K=10, channels_last=True),
+    _spec("exit_gate fp32 logits [256,1000] (weight=None)", "fp32", "fp32", spatial=False, K=1000, has_weight=False, has_bias=False),
+]  # fmt: skip

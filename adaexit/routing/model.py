@@ -31,16 +31,15 @@ device that dispatches to Triton raises ``ValueError`` (set ``ADAEXIT_BACKEND=to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import batches as _batches
-from .cost import count_flops
-from .executor import CARRY, SOURCE, Node, execute, validate_graph
-from .heads import ExitHead, mean_pool
+from ..base import AdaptiveModel
+from ..cost import count_flops
+from ..executor import SOURCE, Node, execute, validate_graph
+from ..heads import mean_pool
 
 
 class Controller(nn.Module):
@@ -101,7 +100,7 @@ class Rollout:
         return float(self.cost.mean()) if self.cost.numel() else 0.0
 
 
-class D2NN(nn.Module):
+class D2NN(AdaptiveModel):
     """A dynamic network: executor nodes plus controllers that route each example.
 
     Rules per node (checked at construction, ``ValueError`` naming the node):
@@ -271,6 +270,25 @@ class D2NN(nn.Module):
             entropy=router.entropy_out,
         )
 
+    # -- the AdaptiveModel protocol: controllers, not an exit policy, decide here ------------------
+    def graph(self) -> list[Node]:
+        return self.nodes
+
+    def _no_exit_policy(self, what: str):
+        return ValueError(
+            f"D2NN.{what}: a D2NN's controllers decide its routes (train them with D2NNTrainer); it has no "
+            "exit policy to set or calibrate"
+        )
+
+    def set_policy(self, policy):
+        raise self._no_exit_policy("set_policy")
+
+    def exit_logits(self, x: torch.Tensor):
+        raise self._no_exit_policy("exit_logits")
+
+    def exit_costs(self, x: torch.Tensor, cost: str = "flops"):
+        raise self._no_exit_policy("exit_costs")
+
     def forward(self, x: torch.Tensor, return_info: bool = False):
         """``eval()``: deterministic routing (argmax), sparse; returns ``[N, classes]`` logits in the
         original order (and the :class:`Rollout` with ``return_info=True``). ``train()``: a sampled
@@ -334,231 +352,3 @@ class _Router:
             self.cost_out = self.cost_out.index_copy(0, rows, state["d2nn_cost"].to(self.cost_out.dtype))
             self.entropy_out = self.entropy_out.index_copy(0, rows, state["d2nn_entropy"])
         return logits, route, state
-
-
-class D2NNTrainer:
-    """End-to-end D2NN training: backprop for the modules, REINFORCE for the controllers.
-
-    Per step, on a sampled rollout: ``loss = CE(prediction, y) - mean((R - b) * log_prob)`` with reward
-    ``R = 1[correct] - lam * cost`` (cost = FLOPs / most expensive path) and ``b`` a running mean of the
-    reward (the baseline; it lowers the variance of the policy gradient without biasing it).
-
-    Args:
-        model: the :class:`D2NN`.
-        lam: the price of computation; larger -> cheaper paths.
-        lr: Adam learning rate for the modules; ``controller_lr`` for the controllers (default ``lr``).
-        baseline_momentum: of the running-mean baseline.
-        entropy: optional entropy bonus on the controllers' choices (keeps exploring early on).
-    """
-
-    def __init__(
-        self,
-        model: D2NN,
-        lam: float = 0.1,
-        lr: float = 1e-3,
-        controller_lr: float | None = None,
-        baseline_momentum: float = 0.9,
-        entropy: float = 0.0,
-    ):
-        if not isinstance(model, D2NN):
-            raise ValueError(f"model must be a D2NN, got {type(model).__name__}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        if not 0 <= baseline_momentum < 1:
-            raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum}")
-        self.model, self.lam, self.entropy = model, float(lam), float(entropy)
-        self.momentum = float(baseline_momentum)
-        self.baseline: float | None = None
-        ctrl_params = list(model.controllers.parameters())
-        ids = {id(p) for p in ctrl_params}
-        module_params = [p for p in model.parameters() if id(p) not in ids]
-        groups = [{"params": module_params, "lr": lr}]
-        if ctrl_params:
-            groups.append({"params": ctrl_params, "lr": controller_lr or lr})
-        self.optimizer = torch.optim.Adam(groups)
-
-    def step(
-        self, x: torch.Tensor, y: torch.Tensor, modules: bool = True, controllers: bool = True, explore: bool = False
-    ) -> dict:
-        """One training step; returns ``{"loss", "reward", "accuracy", "cost"}`` of the batch.
-
-        Args:
-            modules / controllers: which parts learn at this step.
-            explore: route uniformly at random (warm up the modules before the controllers learn).
-        """
-        model = self.model
-        model.train()
-        out = model.rollout(x, sample=True, uniform=explore)
-        ce = F.cross_entropy(out.logits, y)
-        with torch.no_grad():
-            correct = (out.logits.argmax(1) == y).float()
-            reward = correct - self.lam * out.cost
-            mean_reward = float(reward.mean())
-            if self.baseline is None:
-                self.baseline = mean_reward
-            advantage = reward - self.baseline
-            self.baseline = self.momentum * self.baseline + (1 - self.momentum) * mean_reward
-        loss = ce if modules else ce.new_zeros(())
-        if controllers and not explore and len(model.controllers):
-            loss = loss - (advantage * out.log_prob).mean()
-            if self.entropy:
-                loss = loss - self.entropy * out.entropy.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            self.optimizer.step()
-        return {
-            "loss": float(loss.detach()),
-            "reward": mean_reward,
-            "accuracy": float(correct.mean()),
-            "cost": out.mean_cost,
-        }
-
-    def fit(
-        self, data, epochs: int = 1, warmup_epochs: int = 0, batch_size: int = 256, shuffle: bool = True
-    ) -> list[dict]:
-        """Train for ``warmup_epochs`` of module-only training on uniformly random routes, then
-        ``epochs`` of joint training. Returns the per-epoch means of :meth:`step`'s results.
-
-        Args:
-            data: ``(inputs, labels)`` tensors (batched here, reshuffled each epoch with torch's RNG)
-                or an iterable of ``(x, y)`` batches.
-        """
-        history = []
-        for epoch in range(int(warmup_epochs) + int(epochs)):
-            warm = epoch < warmup_epochs
-            logs = [self.step(x, y, explore=warm, controllers=not warm) for x, y in _batches(data, batch_size, shuffle)]
-            if logs:
-                history.append({k: sum(d[k] for d in logs) / len(logs) for k in logs[0]} | {"warmup": warm})
-        return history
-
-
-# -- builders for the paper's topologies (small MLP blocks) ----------------------------------------
-def _mlp(i: int, o: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(i, o), nn.ReLU())
-
-
-class _Residual(nn.Module):
-    """``h + relu(Linear(h))``: a block that can be skipped without changing shapes."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.linear = nn.Linear(width, width)
-
-    def forward(self, h):
-        return h + F.relu(self.linear(h))
-
-
-def high_low_d2nn(
-    in_features: int,
-    num_classes: int,
-    width: int = 16,
-    high_width: int = 64,
-    controller_hidden: int | None = None,
-    stem: nn.Module | None = None,
-) -> D2NN:
-    """High-low capacity: a controller on the stem's output picks the high-capacity branch (action 0,
-    a 3-layer MLP) or the low-capacity one (action 1, one linear layer); both produce ``width`` features
-    that merge into one shared classifier. ``stem`` defaults to the identity (the controller reads x)."""
-    stem = stem if stem is not None else nn.Identity()
-    high = nn.Sequential(
-        _mlp(in_features, high_width), _mlp(high_width, high_width), nn.Linear(high_width, width), nn.ReLU()
-    )
-    low = nn.Linear(in_features, width)  # with the linear classifier: a linear model
-    nodes = [
-        Node("stem", stem, None, (1, 2), SOURCE),
-        Node("high", high, None, (3,), CARRY),
-        Node("low", low, None, (3,), CARRY),
-        Node("classifier", nn.Identity(), ExitHead(width, num_classes), (), CARRY),
-    ]
-    return D2NN(nodes, {0: Controller(in_features, 2, controller_hidden)})
-
-
-def cascade_d2nn(
-    in_features: int, num_classes: int, widths: Sequence[int] = (8, 32, 128), controller_hidden: int | None = None
-) -> D2NN:
-    """Cascade: stage ``k`` widens the features to ``widths[k]`` and has a classifier; after every stage
-    but the last a controller returns that classifier's prediction (action 0) or continues (action 1)."""
-    widths = list(widths)
-    if not widths:
-        raise ValueError("widths must not be empty")
-    nodes, ctrls, prev = [], {}, in_features
-    for k, w in enumerate(widths):
-        last = k == len(widths) - 1
-        successors = () if last else (k + 1,)
-        takes = SOURCE if k == 0 else CARRY
-        nodes.append(Node(f"stage {k}", _mlp(prev, w), ExitHead(w, num_classes), successors, takes))
-        if not last:
-            ctrls[k] = Controller(w, 2, controller_hidden)
-        prev = w
-    return D2NN(nodes, ctrls)
-
-
-def chain_d2nn(
-    in_features: int, num_classes: int, width: int = 32, depth: int = 3, controller_hidden: int | None = None
-) -> D2NN:
-    """Chain: a stem, then ``depth`` residual blocks, each preceded by a gate node whose controller runs
-    the block (action 0) or skips it (action 1, the features pass through unchanged); then a classifier.
-
-    Node layout: ``stem, gate 1, block 1, gate 2, block 2, ..., gate L, block L, classifier``.
-    """
-    if int(depth) < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    nodes = [Node("stem", _mlp(in_features, width), None, (1,), SOURCE)]
-    ctrls = {}
-    for j in range(depth):
-        gate, block = len(nodes), len(nodes) + 1
-        after = block + 1  # the next gate, or the classifier
-        nodes.append(Node(f"gate {j + 1}", nn.Identity(), None, (block, after), CARRY))
-        nodes.append(Node(f"block {j + 1}", _Residual(width), None, (after,), CARRY))
-        ctrls[gate] = Controller(width, 2, controller_hidden)
-    nodes.append(Node("classifier", nn.Identity(), ExitHead(width, num_classes), (), CARRY))
-    return D2NN(nodes, ctrls)
-
-
-def hierarchy_d2nn(
-    in_features: int,
-    num_classes: int,
-    width: int = 32,
-    branching: Sequence[int] = (2, 2),
-    controller_hidden: int | None = None,
-) -> D2NN:
-    """Hierarchy: a tree of controllers. The root (a stem) sends each row to one of ``branching[0]``
-    subtrees, each of those to one of ``branching[1]``, ...; the leaves are blocks with classifiers.
-    Nodes are numbered breadth first."""
-    branching = list(branching)
-    if not branching or any(int(b) < 2 for b in branching):
-        raise ValueError(f"branching must be a non-empty list of ints >= 2, got {branching!r}")
-    levels = [[0]]
-    count = 1
-    for b in branching:
-        level = []
-        for _ in levels[-1]:
-            level.extend(range(count, count + b))
-            count += b
-        levels.append(level)
-    nodes: list[Node | None] = [None] * count
-    ctrls = {}
-    for depth, level in enumerate(levels):
-        for pos, i in enumerate(level):
-            leaf = depth == len(branching)
-            succ = () if leaf else tuple(levels[depth + 1][pos * branching[depth] : (pos + 1) * branching[depth]])
-            module = _mlp(in_features, width) if depth == 0 else _mlp(width, width)
-            head = ExitHead(width, num_classes) if leaf else None
-            name = "root" if depth == 0 else f"level {depth} node {pos}"
-            nodes[i] = Node(name, module, head, succ, SOURCE if depth == 0 else CARRY)
-            if not leaf:
-                ctrls[i] = Controller(width, branching[depth], controller_hidden)
-    return D2NN(nodes, ctrls)
-
-
-__all__ = [
-    "Controller",
-    "D2NN",
-    "D2NNTrainer",
-    "Rollout",
-    "cascade_d2nn",
-    "chain_d2nn",
-    "hierarchy_d2nn",
-    "high_low_d2nn",
-]

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from ._compile import CompileSpec
-from ._dispatch import HAS_TRITON, use_triton
+from .._compile import CompileSpec
+from .._dispatch import use_triton
+from .._triton import tl, triton
 
 # Block sizes (the only compile-time constants). Module-level so tests can shrink them to reach the
 # multi-block path with small, interpreter-friendly inputs.
@@ -40,89 +41,89 @@ _SINGLE_BLOCK = 4096  # largest N handled by the single-launch kernel
 _BLOCK = 1024  # rows per program in the multi-block kernels
 _SCAN_BLOCK = 1024  # blocks scanned per iteration by the scan kernel
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _partition_single_kernel(route_ptr, order_ptr, counts_ptr, N, R, BLOCK: tl.constexpr):
-        """Whole partition in one program (N <= BLOCK).
+@triton.jit
+def _partition_single_kernel(route_ptr, order_ptr, counts_ptr, N, R, BLOCK: tl.constexpr):
+    """Whole partition in one program (N <= BLOCK).
 
-        route_ptr: [N] integer routes (any int width; bool viewed as uint8).
-        order_ptr: [N] int64 output permutation.
-        counts_ptr: [R] int64 output counts.
-        Bytes: reads N * sizeof(route); writes 8 * N + 8 * R.
-        """
-        offs = tl.arange(0, BLOCK)
-        mask = offs < N
-        route = tl.load(route_ptr + offs, mask=mask, other=-1).to(tl.int32)
-        dest = tl.zeros([BLOCK], dtype=tl.int32)
-        total = 0
-        for r in range(0, R):
-            hit = (route == r).to(tl.int32)
-            rank = tl.cumsum(hit, axis=0)  # inclusive rank among route-r rows
-            dest = tl.where(hit != 0, total + rank - 1, dest)
-            n_r = tl.sum(hit, axis=0)
-            tl.store(counts_ptr + r, n_r.to(tl.int64))
-            total += n_r
-        tl.store(order_ptr + dest, offs.to(tl.int64), mask=mask)
+    route_ptr: [N] integer routes (any int width; bool viewed as uint8).
+    order_ptr: [N] int64 output permutation.
+    counts_ptr: [R] int64 output counts.
+    Bytes: reads N * sizeof(route); writes 8 * N + 8 * R.
+    """
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    route = tl.load(route_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    dest = tl.zeros([BLOCK], dtype=tl.int32)
+    total = 0
+    for r in range(0, R):
+        hit = (route == r).to(tl.int32)
+        rank = tl.cumsum(hit, axis=0)  # inclusive rank among route-r rows
+        dest = tl.where(hit != 0, total + rank - 1, dest)
+        n_r = tl.sum(hit, axis=0)
+        tl.store(counts_ptr + r, n_r.to(tl.int64))
+        total += n_r
+    tl.store(order_ptr + dest, offs.to(tl.int64), mask=mask)
 
-    @triton.jit
-    def _partition_hist_kernel(route_ptr, hist_ptr, N, R, BLOCK: tl.constexpr):
-        """Pass 1: per-block histogram.
 
-        route_ptr: [N] integer routes. hist_ptr: [num_blocks, R] int32 (row-major), hist[b, r] = number of
-        route-r rows among rows [b * BLOCK, (b + 1) * BLOCK).
-        Bytes: reads N * sizeof(route); writes 4 * num_blocks * R.
-        """
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        route = tl.load(route_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
-        for r in range(0, R):
-            n_r = tl.sum((route == r).to(tl.int32), axis=0)
-            tl.store(hist_ptr + pid * R + r, n_r)
+@triton.jit
+def _partition_hist_kernel(route_ptr, hist_ptr, N, R, BLOCK: tl.constexpr):
+    """Pass 1: per-block histogram.
 
-    @triton.jit
-    def _partition_scan_kernel(hist_ptr, base_ptr, counts_ptr, num_blocks, R, BLOCK: tl.constexpr):
-        """Exclusive scan over blocks, in one program.
+    route_ptr: [N] integer routes. hist_ptr: [num_blocks, R] int32 (row-major), hist[b, r] = number of
+    route-r rows among rows [b * BLOCK, (b + 1) * BLOCK).
+    Bytes: reads N * sizeof(route); writes 4 * num_blocks * R.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    route = tl.load(route_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
+    for r in range(0, R):
+        n_r = tl.sum((route == r).to(tl.int32), axis=0)
+        tl.store(hist_ptr + pid * R + r, n_r)
 
-        hist_ptr: [num_blocks, R] int32 per-block counts. base_ptr: [num_blocks, R] int64 output,
-        base[b, r] = (rows of routes < r) + (route-r rows in blocks < b). counts_ptr: [R] int64 output.
-        Bytes: reads 4 * num_blocks * R; writes 8 * num_blocks * R + 8 * R.
-        """
-        total = tl.zeros([], dtype=tl.int64)  # rows of all routes before r
-        for r in range(0, R):
-            carry = tl.zeros([], dtype=tl.int64)  # route-r rows in earlier chunks of blocks
-            for b0 in range(0, num_blocks, BLOCK):
-                b = b0 + tl.arange(0, BLOCK)
-                m = b < num_blocks
-                h = tl.load(hist_ptr + b.to(tl.int64) * R + r, mask=m, other=0).to(tl.int64)
-                incl = tl.cumsum(h, axis=0)
-                tl.store(base_ptr + b.to(tl.int64) * R + r, total + carry + incl - h, mask=m)
-                carry += tl.sum(h, axis=0)
-            tl.store(counts_ptr + r, carry)
-            total += carry
 
-    @triton.jit
-    def _partition_scatter_kernel(route_ptr, base_ptr, order_ptr, N, R, BLOCK: tl.constexpr):
-        """Pass 2: every row writes its own index at its stable destination.
+@triton.jit
+def _partition_scan_kernel(hist_ptr, base_ptr, counts_ptr, num_blocks, R, BLOCK: tl.constexpr):
+    """Exclusive scan over blocks, in one program.
 
-        route_ptr: [N] integer routes. base_ptr: [num_blocks, R] int64 from the scan.
-        order_ptr: [N] int64 output, order[base[b, r] + rank_in_block] = row.
-        Bytes: reads N * sizeof(route) + 8 * num_blocks * R; writes 8 * N (scattered by route, but each
-        block's route-r rows land in one contiguous run).
-        """
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        route = tl.load(route_ptr + offs, mask=mask, other=-1).to(tl.int32)
-        dest = tl.zeros([BLOCK], dtype=tl.int64)
-        for r in range(0, R):
-            hit = (route == r).to(tl.int32)
-            rank = tl.cumsum(hit, axis=0)
-            base = tl.load(base_ptr + pid * R + r)
-            dest = tl.where(hit != 0, base + rank - 1, dest)
-        tl.store(order_ptr + dest, offs, mask=mask)
+    hist_ptr: [num_blocks, R] int32 per-block counts. base_ptr: [num_blocks, R] int64 output,
+    base[b, r] = (rows of routes < r) + (route-r rows in blocks < b). counts_ptr: [R] int64 output.
+    Bytes: reads 4 * num_blocks * R; writes 8 * num_blocks * R + 8 * R.
+    """
+    total = tl.zeros([], dtype=tl.int64)  # rows of all routes before r
+    for r in range(0, R):
+        carry = tl.zeros([], dtype=tl.int64)  # route-r rows in earlier chunks of blocks
+        for b0 in range(0, num_blocks, BLOCK):
+            b = b0 + tl.arange(0, BLOCK)
+            m = b < num_blocks
+            h = tl.load(hist_ptr + b.to(tl.int64) * R + r, mask=m, other=0).to(tl.int64)
+            incl = tl.cumsum(h, axis=0)
+            tl.store(base_ptr + b.to(tl.int64) * R + r, total + carry + incl - h, mask=m)
+            carry += tl.sum(h, axis=0)
+        tl.store(counts_ptr + r, carry)
+        total += carry
+
+
+@triton.jit
+def _partition_scatter_kernel(route_ptr, base_ptr, order_ptr, N, R, BLOCK: tl.constexpr):
+    """Pass 2: every row writes its own index at its stable destination.
+
+    route_ptr: [N] integer routes. base_ptr: [num_blocks, R] int64 from the scan.
+    order_ptr: [N] int64 output, order[base[b, r] + rank_in_block] = row.
+    Bytes: reads N * sizeof(route) + 8 * num_blocks * R; writes 8 * N (scattered by route, but each
+    block's route-r rows land in one contiguous run).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    route = tl.load(route_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    dest = tl.zeros([BLOCK], dtype=tl.int64)
+    for r in range(0, R):
+        hit = (route == r).to(tl.int32)
+        rank = tl.cumsum(hit, axis=0)
+        base = tl.load(base_ptr + pid * R + r)
+        dest = tl.where(hit != 0, base + rank - 1, dest)
+    tl.store(order_ptr + dest, offs, mask=mask)
 
 
 def _check(route: torch.Tensor, num_routes: int) -> None:
@@ -199,28 +200,26 @@ def partition(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor, torch
 
 
 # Representative launches for the ahead-of-time compile report (kernels._compile).
-COMPILE_SPECS: list = []
-if HAS_TRITON:
-    _sig_1 = {"route_ptr": "*i64", "order_ptr": "*i64", "counts_ptr": "*i64", "N": "i32", "R": "i32"}
-    COMPILE_SPECS = [
-        CompileSpec("partition_single[i64 route, 4096]", _partition_single_kernel, _sig_1, {"BLOCK": 4096}, num_warps=8),
-        CompileSpec("partition_single[u8 route, 256]", _partition_single_kernel, {**_sig_1, "route_ptr": "*u8"}, {"BLOCK": 256}),
-        CompileSpec(
-            "partition_hist[i64 route]",
-            _partition_hist_kernel,
-            {"route_ptr": "*i64", "hist_ptr": "*i32", "N": "i32", "R": "i32"},
-            {"BLOCK": _BLOCK},
-        ),
-        CompileSpec(
-            "partition_scan",
-            _partition_scan_kernel,
-            {"hist_ptr": "*i32", "base_ptr": "*i64", "counts_ptr": "*i64", "num_blocks": "i32", "R": "i32"},
-            {"BLOCK": _SCAN_BLOCK},
-        ),
-        CompileSpec(
-            "partition_scatter[i64 route]",
-            _partition_scatter_kernel,
-            {"route_ptr": "*i64", "base_ptr": "*i64", "order_ptr": "*i64", "N": "i32", "R": "i32"},
-            {"BLOCK": _BLOCK},
-        ),
-    ]
+_sig_1 = {"route_ptr": "*i64", "order_ptr": "*i64", "counts_ptr": "*i64", "N": "i32", "R": "i32"}
+COMPILE_SPECS = [
+    CompileSpec("partition_single[i64 route, 4096]", _partition_single_kernel, _sig_1, {"BLOCK": 4096}, num_warps=8),
+    CompileSpec("partition_single[u8 route, 256]", _partition_single_kernel, {**_sig_1, "route_ptr": "*u8"}, {"BLOCK": 256}),
+    CompileSpec(
+        "partition_hist[i64 route]",
+        _partition_hist_kernel,
+        {"route_ptr": "*i64", "hist_ptr": "*i32", "N": "i32", "R": "i32"},
+        {"BLOCK": _BLOCK},
+    ),
+    CompileSpec(
+        "partition_scan",
+        _partition_scan_kernel,
+        {"hist_ptr": "*i32", "base_ptr": "*i64", "counts_ptr": "*i64", "num_blocks": "i32", "R": "i32"},
+        {"BLOCK": _SCAN_BLOCK},
+    ),
+    CompileSpec(
+        "partition_scatter[i64 route]",
+        _partition_scatter_kernel,
+        {"route_ptr": "*i64", "base_ptr": "*i64", "order_ptr": "*i64", "N": "i32", "R": "i32"},
+        {"BLOCK": _BLOCK},
+    ),
+]

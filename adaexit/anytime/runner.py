@@ -1,4 +1,4 @@
-"""Anytime prediction (Hu, Dey, Hebert & Bagnell, *Anytime Neural Network*): budgets, EANN, loss weights.
+"""Anytime prediction (Hu, Dey, Hebert & Bagnell, *Anytime Neural Network*): stop on a budget.
 
 An anytime predictor evaluates its exits in order and, when the budget ends, returns for every example
 the latest prediction it has. Here that is one more reason to stop on the same executor as early exit:
@@ -29,9 +29,8 @@ reads the number of continuing rows only when the check with every row at the ex
 stopping for its own budget at an exit whose head the policy skips costs one compaction (one sync) to
 run that head on the stopping rows only. A budget that cannot bind adds no decision at all.
 
-Also here: anytime training (:func:`anytime_loss`, :func:`train_anytime`: ``MultiExitLoss`` with the
-oscillating or AdaLoss weighting from :mod:`adaexit.training`) and :class:`EANN`, a sequence of anytime
-networks of exponentially increasing depth run as one executor graph.
+The runner accepts any :class:`~adaexit.base.AdaptiveModel` whose exits form a chain (an
+:class:`~adaexit.EarlyExitNet`, an :class:`~adaexit.anytime.EANN`, a cascade: routes 0 = stop, 1 = next).
 """
 
 from __future__ import annotations
@@ -41,20 +40,18 @@ import numbers
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from .data import batches as _batches
-from .cost import chain_latency, sync
-from .early_exit import EarlyExitNet
-from .executor import CARRY, SOURCE, Node, execute
-from .heads import ExitHead
-from .kernels import compact, scatter_rows
-from .kernels._dispatch import to_host
-from .policies import NeverExitPolicy, Policy
-from .training import MultiExitLoss, train
+from ..base import AdaptiveModel
+from ..cost import sync
+from ..data import batches
+from ..executor import SOURCE, Node, execute
+from ..kernels import compact, scatter_rows
+from ..kernels._dispatch import to_host
+from ..policies import Policy
 
 # Why a row stopped where it did (``AnytimeInfo.stop_reason``).
 STOP_POLICY = 0  # the model's policy exited it, or it reached the last exit
@@ -148,10 +145,20 @@ class _Latency:
 
 
 def _graph(model) -> tuple[list[Node], Policy]:
-    """The chain of nodes an anytime model runs, and its policy."""
-    if isinstance(model, (EANN, EarlyExitNet)):
-        return model.graph(), model.policy
-    raise ValueError(f"model must be an EarlyExitNet or an EANN, got {type(model).__name__}")
+    """The chain of exits an anytime model runs, and its policy."""
+    if not isinstance(model, AdaptiveModel):
+        raise ValueError(
+            f"model must be an adaexit AdaptiveModel (an EarlyExitNet, an EANN...), got {type(model).__name__}"
+        )
+    nodes = model.graph()
+    for k, node in enumerate(nodes):
+        chained = k + 1 == len(nodes) or (node.successors and node.successors[0] == k + 1)
+        if node.head is None or not chained:
+            raise ValueError(
+                f"anytime prediction needs a chain of exits; node {k} ({node.name}) of {type(model).__name__} "
+                "has no exit head or does not continue to the next node"
+            )
+    return nodes, model.policy
 
 
 class _AnytimeCall:
@@ -274,13 +281,13 @@ class _AnytimeCall:
 
 
 class AnytimeRunner:
-    """Anytime prediction over an :class:`EarlyExitNet` (or an :class:`EANN`) on the sparse executor.
+    """Anytime prediction over an adaptive model whose exits form a chain, on the sparse executor.
 
     The runner keeps the stage-time estimates that deadlines use (from :meth:`profile` and from every
     call with a deadline), so reuse one runner per model.
 
     Args:
-        model: an ``EarlyExitNet`` or ``EANN`` in ``eval()`` mode. Its policy still applies: a row that
+        model: an ``EarlyExitNet``, ``EANN`` or cascade in ``eval()`` mode. Its policy still applies: a row that
             exits by policy stops early; a budget is one more reason to stop.
     """
 
@@ -442,9 +449,9 @@ def anytime_curve(model, data, budgets: Iterable[float], per_example: bool = Tru
     budgets = [_number(b, "budgets") for b in budgets]
     if not budgets:
         raise ValueError("budgets is empty")
-    batches = [(x, y) for x, y in _batches(data, batch_size) if x.shape[0]]
-    if batches:
-        first = runner.min_budget(batches[0][0])
+    chunks = [(x, y) for x, y in batches(data, batch_size) if x.shape[0]]
+    if chunks:
+        first = runner.min_budget(chunks[0][0])
         if min(budgets) < first:
             raise ValueError(
                 f"budgets: {min(budgets):g} FLOPs per example is below the cost of the first exit ({first:g}); "
@@ -455,7 +462,7 @@ def anytime_curve(model, data, budgets: Iterable[float], per_example: bool = Tru
         correct = total = 0
         flops = 0.0
         counts = None
-        for x, y in batches:
+        for x, y in chunks:
             n = x.shape[0]
             if per_example:
                 logits, info = runner.predict(x, per_example_budget=torch.full((n,), budget, dtype=torch.float64))
@@ -475,206 +482,3 @@ def anytime_curve(model, data, budgets: Iterable[float], per_example: bool = Tru
             }
         )
     return curve
-
-
-def plot_anytime_curve(curves, path, title: str = "anytime prediction", x: str = "flops_per_example"):
-    """Write the accuracy-against-budget plot to ``path`` (PNG, matplotlib's Agg canvas; no display).
-
-    Args:
-        curves: one curve from :func:`anytime_curve`, or ``{label: curve}``.
-        x: ``"flops_per_example"`` (FLOPs spent) or ``"budget"``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if isinstance(curves, list):
-        curves = {"model": curves}
-    if x not in ("flops_per_example", "budget"):
-        raise ValueError(f"x must be 'flops_per_example' or 'budget', got {x!r}")
-    fig = Figure(figsize=(5, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for label, curve in curves.items():
-        ax.plot([p[x] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=label)
-    ax.set_xlabel("FLOPs per example" + (" (spent)" if x == "flops_per_example" else " (budget)"))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Anytime training (Hu et al.): the oscillating and AdaLoss weightings are the ones MultiExitLoss uses
-# (adaexit.training), so an anytime network trains with the same loss as any multi-exit model.
-def anytime_loss(num_exits: int, weighting: str = "adaloss", **kwargs) -> MultiExitLoss:
-    """A :class:`~adaexit.training.MultiExitLoss` with an anytime weighting.
-
-    Args:
-        weighting: ``"adaloss"`` (weights inversely proportional to each exit's running-mean loss),
-            ``"oscillating"`` (the emphasised exit moves over training), or any other
-            :class:`~adaexit.training.MultiExitLoss` weighting.
-        **kwargs: options of the weighting and the loss (``momentum=``, ``schedule=``, ``distill=``...).
-    """
-    return MultiExitLoss(num_exits, weighting, **kwargs)
-
-
-def train_anytime(
-    model, loader, epochs: int = 1, lr: float = 1e-3, weighting: str = "adaloss", weighting_kwargs=None, **train_kwargs
-):
-    """Train an anytime model with an anytime weighting (:func:`adaexit.training.train` underneath).
-
-    An :class:`EANN` trains each of its networks on its own (each with its own weighting state), as in
-    the paper: the networks share nothing, and AdaLoss balances the losses inside one network.
-
-    Returns:
-        the training history (for an EANN, the list of its networks' histories).
-    """
-    weighting_kwargs = dict(weighting_kwargs or {})
-    if isinstance(model, EANN):
-        return [
-            train(
-                net, loader, epochs, lr, anytime_loss(net.num_exits, weighting, **weighting_kwargs),
-                desc=f"network {i}", **train_kwargs,
-            )  # fmt: skip
-            for i, net in enumerate(model.networks)
-        ]
-    num_exits = getattr(model, "num_exits", None)
-    if num_exits is None:
-        raise ValueError("model must have num_exits (an EarlyExitNet, an EANN or another multi-exit model)")
-    return train(model, loader, epochs, lr, anytime_loss(num_exits, weighting, **weighting_kwargs), **train_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# EANN: exponentially deepening anytime networks, run in order as one executor graph.
-class EANN(nn.Module):
-    """A sequence of anytime networks (each an :class:`EarlyExitNet`) of increasing depth.
-
-    The networks run in order on one executor graph: every network's first stage reads the input
-    (``"source"``), its later stages read the previous stage (``"carry"``), and after a network's last
-    exit the surviving rows go on to the next network. The exits are numbered across the sequence, so an
-    interrupted example returns the latest exit it reached in any network. Each network's own policy is
-    not used; ``policy`` (over all exits, default never-exit: only budgets stop) decides.
-
-    Satisfies the calibration protocol: ``num_exits``, ``exit_logits``, ``exit_costs``, ``set_policy``.
-    """
-
-    def __init__(self, networks: Sequence[EarlyExitNet], policy: Policy | None = None):
-        super().__init__()
-        networks = list(networks)
-        if not networks:
-            raise ValueError("EANN needs at least one network")
-        for i, net in enumerate(networks):
-            if not isinstance(net, EarlyExitNet):
-                raise ValueError(f"networks[{i}] must be an EarlyExitNet, got {type(net).__name__}")
-        self.networks = nn.ModuleList(networks)
-        self.policy = (policy or NeverExitPolicy()).bind(self.num_exits)
-
-    @property
-    def num_exits(self) -> int:
-        return sum(net.num_exits for net in self.networks)
-
-    def exit_owner(self, k: int) -> tuple[int, int]:
-        """``(network index, exit index inside it)`` of global exit ``k``."""
-        if not 0 <= k < self.num_exits:
-            raise ValueError(f"exit {k} out of range: the EANN has {self.num_exits} exits")
-        for i, net in enumerate(self.networks):
-            if k < net.num_exits:
-                return i, k
-            k -= net.num_exits
-        raise AssertionError("unreachable")
-
-    def set_policy(self, policy: Policy) -> "EANN":
-        self.policy = policy.bind(self.num_exits)
-        return self
-
-    def graph(self) -> list[Node]:
-        """The flattened chain of nodes (global exit ``k`` = node ``k``)."""
-        nodes: list[Node] = []
-        total = self.num_exits
-        for i, net in enumerate(self.networks):
-            for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
-                j = len(nodes)
-                nodes.append(
-                    Node(
-                        f"network {i} stage {k}", stage, head,
-                        (j + 1,) if j + 1 < total else (), SOURCE if k == 0 else CARRY,
-                    )  # fmt: skip
-                )
-        return nodes
-
-    def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every exit's logits (all networks, in order) for every row."""
-        out: list[torch.Tensor] = []
-        for net in self.networks:
-            out.extend(net.exit_logits(x))
-        return out
-
-    def exit_costs(self, x: torch.Tensor, cost: str = "flops") -> tuple[list[float], list[float]]:
-        """Per-example cost of each stage and head along the sequence (reaching exit ``k`` costs every
-        earlier network in full)."""
-        if cost not in ("flops", "latency"):
-            raise ValueError(f"cost must be 'flops' or 'latency', got {cost!r}")
-        stage, head = [], []
-        for net in self.networks:
-            s, h = net.exit_costs(x, "flops") if cost == "flops" else chain_latency(net.stages, net.heads, x)
-            stage.extend(s)
-            head.extend(h)
-        return stage, head
-
-    def forward(self, x: torch.Tensor, return_info: bool = False):
-        """``train()``: every exit's logits (a list). ``eval()``: run the sequence under the policy
-        (no budget: use :func:`anytime_predict` for budgets)."""
-        if self.training:
-            if return_info:
-                raise ValueError("return_info=True is only available in eval() mode")
-            return self.exit_logits(x)
-        logits, info = anytime_predict(self, x)
-        return (logits, info) if return_info else logits
-
-
-def exponential_networks(depths: Sequence[int], make_stage, make_head, policy_factory=None) -> list[EarlyExitNet]:
-    """Anytime networks of the given depths (in blocks), an exit after every block.
-
-    Args:
-        depths: blocks per network, e.g. ``(1, 2, 4)``.
-        make_stage: ``make_stage(network, block) -> nn.Module`` (block 0 reads the input).
-        make_head: ``make_head(network, block) -> head``.
-    """
-    depths = list(depths)
-    if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
-        raise ValueError(f"depths must be a non-empty sequence of ints >= 1, got {depths!r}")
-    nets = []
-    for i, d in enumerate(depths):
-        stages = [make_stage(i, b) for b in range(d)]
-        heads = [make_head(i, b) for b in range(d)]
-        nets.append(EarlyExitNet(stages, heads, policy_factory() if policy_factory else None))
-    return nets
-
-
-def exponential_mlp_networks(
-    in_features: int, num_classes: int, depths: Sequence[int] = (1, 2, 4), width: int = 32
-) -> list[EarlyExitNet]:
-    """Small MLP anytime networks of exponentially increasing depth (for tests and demos)."""
-
-    def make_stage(i, b):
-        return nn.Sequential(nn.Linear(in_features if b == 0 else width, width), nn.ReLU())
-
-    return exponential_networks(depths, make_stage, lambda i, b: ExitHead(width, num_classes))
-
-
-__all__ = [
-    "AnytimeInfo",
-    "AnytimeRunner",
-    "EANN",
-    "STOP_REASONS",
-    "anytime_curve",
-    "anytime_loss",
-    "anytime_predict",
-    "exponential_mlp_networks",
-    "exponential_networks",
-    "plot_anytime_curve",
-    "train_anytime",
-]

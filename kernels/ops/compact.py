@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import to_host, use_triton
-from .gather_rows import _gather_rows_triton, raw_view
+from .._dispatch import to_host, use_triton
+from .._layout import raw_view
+from .gather_rows import _gather_rows_triton
 from .partition import partition
 
 # compact launches partition's and gather_rows' kernels (listed in their COMPILE_SPECS); none of its own.

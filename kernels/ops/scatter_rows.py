@@ -4,7 +4,7 @@
 with values in ``[0, M)`` that **must not repeat** (as in torch, which row wins is undefined otherwise).
 Any trailing shape, any dtype (raw bits are moved), any strides on either side.
 
-Layouts (see :mod:`adaexit.kernels.gather_rows` for the shared planning): the trailing dims are walked in
+Layouts (see :mod:`adaexit.kernels._layout` for the shared planning): the trailing dims are walked in
 ``out``'s memory order and merged where they are contiguous in *both* tensors.
 
 * both rows dense in the same layout (contiguous/contiguous, channels_last/channels_last, ``h[:, 0]``
@@ -22,84 +22,83 @@ from __future__ import annotations
 
 import torch
 
-from ._compile import CompileSpec
-from ._dispatch import HAS_TRITON, use_triton
-from .gather_rows import MAX_STRIDED_DIMS, check_index, check_index_values, coalesce, memory_order, raw_view, tile_shape
+from .._compile import CompileSpec
+from .._dispatch import use_triton
+from .._layout import MAX_STRIDED_DIMS, check_index, check_index_values, coalesce, memory_order, raw_view, tile_shape
+from .._triton import tl, triton
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _scatter_rows_kernel(
-        src_ptr, index_ptr, out_ptr, n, M, R, stride_sm, stride_om, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
-    ):
-        """out[index[j], c] = src[j, c] for rows that are dense runs of R elements on both sides.
+@triton.jit
+def _scatter_rows_kernel(
+    src_ptr, index_ptr, out_ptr, n, M, R, stride_sm, stride_om, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
+):
+    """out[index[j], c] = src[j, c] for rows that are dense runs of R elements on both sides.
 
-        src_ptr: source, row j starts at src_ptr + j * stride_sm.
-        index_ptr: [n] int64/int32 destination rows (distinct); an index outside [0, M) is skipped.
-        out_ptr: destination, row i starts at out_ptr + i * stride_om.
-        Grid: (cdiv(n, BLOCK_ROWS), cdiv(R, BLOCK_COLS)).
-        Bytes: reads n * R * elsize + n * sizeof(index) (once per column chunk); writes n * R * elsize.
-        """
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-        row_ok = rows < n
-        col_ok = cols < R
-        idx = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        dst_ok = row_ok & (idx >= 0) & (idx < M)
-        vals = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :], mask=dst_ok[:, None] & col_ok[None, :])
-        tl.store(out_ptr + idx[:, None] * stride_om + cols[None, :], vals, mask=dst_ok[:, None] & col_ok[None, :])
+    src_ptr: source, row j starts at src_ptr + j * stride_sm.
+    index_ptr: [n] int64/int32 destination rows (distinct); an index outside [0, M) is skipped.
+    out_ptr: destination, row i starts at out_ptr + i * stride_om.
+    Grid: (cdiv(n, BLOCK_ROWS), cdiv(R, BLOCK_COLS)).
+    Bytes: reads n * R * elsize + n * sizeof(index) (once per column chunk); writes n * R * elsize.
+    """
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    row_ok = rows < n
+    col_ok = cols < R
+    idx = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    dst_ok = row_ok & (idx >= 0) & (idx < M)
+    vals = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :], mask=dst_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptr + idx[:, None] * stride_om + cols[None, :], vals, mask=dst_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
-    def _scatter_rows_strided_kernel(
-        src_ptr,
-        index_ptr,
-        out_ptr,
-        n,
-        M,
-        R,
-        stride_sm,
-        stride_om,
-        size1,
-        size2,
-        stride_s0,
-        stride_s1,
-        stride_s2,
-        stride_o0,
-        stride_o1,
-        stride_o2,
-        BLOCK_ROWS: tl.constexpr,
-        BLOCK_COLS: tl.constexpr,
-    ):
-        """out[index[j], c0, c1, c2] = src[j, c0, c1, c2], c = (c0 * size1 + c1) * size2 + c2 < R.
 
-        The trailing dims are coalesced and put in out's memory order by the host, giving the 3 dims
-        (R // (size1 * size2), size1, size2).
-        src_ptr: source, row stride stride_sm, trailing strides (stride_s0, stride_s1, stride_s2).
-        index_ptr: [n] int64/int32 destination rows (distinct); an index outside [0, M) is skipped.
-        out_ptr: destination, row stride stride_om, trailing strides (stride_o0, stride_o1, stride_o2).
-        Bytes: reads n * R * elsize + n * sizeof(index); writes n * R * elsize (strided addresses:
-        sector efficiency depends on the strides).
-        """
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-        row_ok = rows < n
-        col_ok = cols < R
-        idx = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        dst_ok = row_ok & (idx >= 0) & (idx < M)
-        c2 = (cols % size2).to(tl.int64)
-        c1 = ((cols // size2) % size1).to(tl.int64)
-        c0 = (cols // (size2 * size1)).to(tl.int64)
-        s_off = c0 * stride_s0 + c1 * stride_s1 + c2 * stride_s2
-        o_off = c0 * stride_o0 + c1 * stride_o1 + c2 * stride_o2
-        mask = dst_ok[:, None] & col_ok[None, :]
-        vals = tl.load(src_ptr + rows[:, None] * stride_sm + s_off[None, :], mask=mask)
-        tl.store(out_ptr + idx[:, None] * stride_om + o_off[None, :], vals, mask=mask)
+@triton.jit
+def _scatter_rows_strided_kernel(
+    src_ptr,
+    index_ptr,
+    out_ptr,
+    n,
+    M,
+    R,
+    stride_sm,
+    stride_om,
+    size1,
+    size2,
+    stride_s0,
+    stride_s1,
+    stride_s2,
+    stride_o0,
+    stride_o1,
+    stride_o2,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """out[index[j], c0, c1, c2] = src[j, c0, c1, c2], c = (c0 * size1 + c1) * size2 + c2 < R.
+
+    The trailing dims are coalesced and put in out's memory order by the host, giving the 3 dims
+    (R // (size1 * size2), size1, size2).
+    src_ptr: source, row stride stride_sm, trailing strides (stride_s0, stride_s1, stride_s2).
+    index_ptr: [n] int64/int32 destination rows (distinct); an index outside [0, M) is skipped.
+    out_ptr: destination, row stride stride_om, trailing strides (stride_o0, stride_o1, stride_o2).
+    Bytes: reads n * R * elsize + n * sizeof(index); writes n * R * elsize (strided addresses:
+    sector efficiency depends on the strides).
+    """
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    row_ok = rows < n
+    col_ok = cols < R
+    idx = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    dst_ok = row_ok & (idx >= 0) & (idx < M)
+    c2 = (cols % size2).to(tl.int64)
+    c1 = ((cols // size2) % size1).to(tl.int64)
+    c0 = (cols // (size2 * size1)).to(tl.int64)
+    s_off = c0 * stride_s0 + c1 * stride_s1 + c2 * stride_s2
+    o_off = c0 * stride_o0 + c1 * stride_o1 + c2 * stride_o2
+    mask = dst_ok[:, None] & col_ok[None, :]
+    vals = tl.load(src_ptr + rows[:, None] * stride_sm + s_off[None, :], mask=mask)
+    tl.store(out_ptr + idx[:, None] * stride_om + o_off[None, :], vals, mask=mask)
 
 
 def _check(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
@@ -177,18 +176,18 @@ def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> t
 
 # Representative launches for the ahead-of-time compile report (kernels._compile); rows move as
 # same-width integers (fp32 -> *i32, fp16/bf16 -> *i16).
-COMPILE_SPECS: list = []
-if HAS_TRITON:
-    _sig = {"src_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i32", "n": "i32", "M": "i32", "R": "i32", "stride_sm": "i32", "stride_om": "i32"}
-    _sig_strided = {**_sig, **{k: "i32" for k in ("size1", "size2", "stride_s0", "stride_s1", "stride_s2", "stride_o0", "stride_o1", "stride_o2")}}
+_sig = {"src_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i32", "n": "i32", "M": "i32", "R": "i32", "stride_sm": "i32", "stride_om": "i32"}
+_sig_strided = {**_sig, **{k: "i32" for k in ("size1", "size2", "stride_s0", "stride_s1", "stride_s2", "stride_o0", "stride_o1", "stride_o2")}}
 
-    def _spec(label, fn, sig, R, elsize):
-        block_rows, block_cols = tile_shape(R, elsize)
-        return CompileSpec(label, fn, sig, {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols})
 
-    COMPILE_SPECS = [
-        _spec("scatter_rows[fp32 x512, i64 index]", _scatter_rows_kernel, _sig, 512, 4),
-        _spec("scatter_rows[fp16 x512, i64 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i16", "out_ptr": "*i16"}, 512, 2),
-        _spec("scatter_rows[i64 x1, i32 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i64", "out_ptr": "*i64", "index_ptr": "*i32"}, 1, 8),
-        _spec("scatter_rows_strided[fp32 x512, i64 index]", _scatter_rows_strided_kernel, _sig_strided, 512, 4),
-    ]
+def _spec(label, fn, sig, R, elsize):
+    block_rows, block_cols = tile_shape(R, elsize)
+    return CompileSpec(label, fn, sig, {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols})
+
+
+COMPILE_SPECS = [
+    _spec("scatter_rows[fp32 x512, i64 index]", _scatter_rows_kernel, _sig, 512, 4),
+    _spec("scatter_rows[fp16 x512, i64 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i16", "out_ptr": "*i16"}, 512, 2),
+    _spec("scatter_rows[i64 x1, i32 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i64", "out_ptr": "*i64", "index_ptr": "*i32"}, 1, 8),
+    _spec("scatter_rows_strided[fp32 x512, i64 index]", _scatter_rows_strided_kernel, _sig_strided, 512, 4),
+]

@@ -1,0 +1,131 @@
+"""Shared test helpers: model builders, input generators and reference computations.
+
+One module instead of a copy per test file (Liger's ``test/utils.py``, FlagGems' ``accuracy_utils.py``).
+Fixtures and the tolerance table stay in ``conftest.py``. Test files import these with
+``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``, as for ``from conftest import ...``).
+
+Every builder is parameterised and seeded: a test file passes its own widths, classes and seeds, so the
+model it builds is the one it always built. Builders seed the global RNG (``torch.manual_seed``) before
+creating any module, stages first, then heads.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaexit import EarlyExitNet, ExitHead
+from adaexit.kernels import exit_gate_torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Model builders
+# ---------------------------------------------------------------------------------------------
+def _scale_heads(heads, head_scale):
+    """Scale each head's classifier weights so confidences spread over (0, 1) in untrained models."""
+    if head_scale is not None:
+        for head in heads:
+            head.classifier.weight.data *= head_scale
+
+
+def mlp_net(widths: Sequence[int], classes: int, policy=None, seed: int = 0, head_scale: float | None = None):
+    """An MLP :class:`EarlyExitNet` in eval mode: stage ``k`` is ``Linear(widths[k], widths[k+1]) + ReLU``,
+    exit head ``k`` an :class:`ExitHead` on ``widths[k+1]`` features. ``widths[0]`` is the input width."""
+    torch.manual_seed(seed)
+    stages = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:])]
+    heads = [ExitHead(w, classes) for w in widths[1:]]
+    _scale_heads(heads, head_scale)
+    return EarlyExitNet(stages, heads, policy).eval()
+
+
+def cnn_net(classes: int, policy=None, seed: int = 0, head_scale: float | None = None):
+    """A 3-stage CNN :class:`EarlyExitNet` for ``1x8x8`` inputs, in eval mode: 4 / 8 / 8 channels at
+    8 / 4 / 2 px; a pooled-linear head, a conv head and a pooled-linear head."""
+    torch.manual_seed(seed)
+    stages = [
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()),
+    ]
+    heads = [ExitHead(4, classes), ExitHead.conv(8, classes, width=8), ExitHead(8, classes)]
+    _scale_heads(heads, head_scale)
+    return EarlyExitNet(stages, heads, policy).eval()
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> nn.Module:
+    """``steps`` full-batch Adam steps on the cross-entropy of a plain classifier; returns it in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and data
+# ---------------------------------------------------------------------------------------------
+def randn_inputs(n: int, shape: int | Sequence[int], seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """``n`` rows of standard normal values of per-row ``shape`` (an int for a feature vector), times
+    ``scale``, from their own generator seeded with ``seed`` (the global RNG is untouched)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g) * scale
+
+
+def easy_hard(n: int, seed: int):
+    """Easy rows: the label is the sign of x0 (|x0| >= 2; a linear model suffices). Hard rows: x0 ~ 0 and
+    the label is XOR(x1 > 0, x2 > 0) (needs a non-linear network). Returns ``x, y, hard``."""
+    g = torch.Generator().manual_seed(seed)
+    hard = torch.rand(n, generator=g) < 0.5
+    y_easy = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 4, generator=g)
+    x[:, 1:3] = x[:, 1:3].sign() * (0.25 + x[:, 1:3].abs())
+    y_hard = ((x[:, 1] > 0) ^ (x[:, 2] > 0)).long()
+    x[:, 0] = torch.where(hard, 0.05 * torch.randn(n, generator=g), (2 * y_easy - 1) * (2 + torch.rand(n, generator=g)))
+    return x, torch.where(hard, y_hard, y_easy), hard
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``logits`` against labels ``y``."""
+    return float((logits.argmax(1) == y).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference computations
+# ---------------------------------------------------------------------------------------------
+def dense_scores(model, x: torch.Tensor, criterion: str):
+    """Confidence of every exit for every row (``[K, N]``) from the dense ``exit_logits`` and the torch
+    reference gate, and those logits."""
+    with torch.no_grad():
+        logits = model.exit_logits(x)
+    return torch.stack([exit_gate_torch(z, None, criterion=criterion)[1] for z in logits]), logits
+
+
+def first_exit(scores: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """The first exit whose score (``scores[k]``, ``[K, N]``) clears its threshold; the last exit
+    always fires."""
+    last = scores.shape[0] - 1
+    exits = torch.full((scores.shape[1],), last, dtype=torch.long)
+    for k in reversed(range(last)):
+        exits = torch.where(scores[k] >= thresholds[k], torch.full_like(exits, k), exits)
+    return exits
+
+
+class RowCounter:
+    """Forward pre-hook counting the rows (and recording the inputs) each call of ``module`` sees."""
+
+    def __init__(self, module: nn.Module):
+        self.rows, self.inputs = 0, []
+        module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.rows += args[0].shape[0]
+        self.inputs.append(args[0].detach().clone())
+
+    def clear(self) -> None:
+        """Forget what was seen so far (e.g. FLOP tracing or a dense reference run)."""
+        self.rows, self.inputs = 0, []
