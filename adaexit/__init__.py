@@ -34,6 +34,7 @@ from .policies import (
     RoutingPolicy,
 )
 from .routing import D2NN, Controller, D2NNTrainer, cascade_d2nn, chain_d2nn, hierarchy_d2nn, high_low_d2nn
+from .stream import stream
 from .training import MultiExitLoss, train, train_classifier
 
 __version__ = "0.1.0"
@@ -75,6 +76,7 @@ __all__ = [
     "oracle",
     "train",
     "train_classifier",
+    "stream",
     "train_reinforce",
     "wrap",
 ]

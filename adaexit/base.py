@@ -221,14 +221,28 @@ class AdaptiveModel(nn.Module):
             ) from err
         return logits, route, state
 
+    def prepare_input(self, x):
+        """What the graph's first node reads, from what ``forward`` was given (a tensor by default; a
+        model taking several inputs packs them into a :class:`~adaexit.executor.RowBatch`)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ValueError(f"{type(self).__name__}: the input must be a tensor with a batch dimension")
+        return x
+
+    def finish_output(self, logits: torch.Tensor):
+        """What ``forward`` returns for the logits (the logits by default; a wrapped model's own output type)."""
+        return logits
+
+    def init_state(self, n: int, device) -> dict:
+        """The per-row state that travels with each row (the policy's: e.g. patience counters)."""
+        return self.policy.init_state(n, device)
+
     def output_dtype(self) -> torch.dtype | None:
         """The dtype of the returned logits (``None``: as the executor produced them)."""
         return None
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ExecutionTrace]:
         """Sparse execution of the batch under the policy: ``(logits [N, classes], trace)``."""
-        state = self.policy.init_state(x.shape[0], x.device)
-        logits, trace = execute(self.graph(), x, self.route, state)
+        logits, trace = execute(self.graph(), x, self.route, self.init_state(x.shape[0], x.device))
         if sum(trace.exit_counts) != x.shape[0]:
             raise ValueError(
                 f"the policy lost rows ({x.shape[0] - sum(trace.exit_counts)} of {x.shape[0]}): routes "
@@ -268,8 +282,10 @@ class AdaptiveModel(nn.Module):
                 f"{type(self).__name__}: sparse execution cannot be traced (sub-batch sizes depend on the "
                 "data and would be frozen into the trace); trace the plain model, or use NeverExitPolicy"
             )
+        x = self.prepare_input(x)
         logits, trace = self.run(x)
-        return (logits, self.exit_info(x, trace)) if return_info else logits
+        out = self.finish_output(logits)
+        return (out, self.exit_info(x, trace)) if return_info else out
 
 
 __all__ = ["AdaptiveModel", "ExitInfo", "restore_policy_class", "standalone_costs", "trace_flops"]

@@ -160,13 +160,14 @@ class Cascade(AdaptiveModel):
         return outputs
 
     # -- sparse path ------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, return_info: bool = False):
-        if not self.training and self.num_classes is None:
+    def prepare_input(self, x):
+        x = super().prepare_input(x)
+        if self.num_classes is None:
             if x.shape[0] > 0:
-                self.check_classes(x)  # first forward: all nodes must agree before any row exits
+                self.check_classes(x)  # first sparse run: all nodes must agree before any row exits
             else:
                 self._probe_empty(x)
-        return super().forward(x, return_info)
+        return x
 
 
 #: The info of a cascade forward (node numbering; ``node_names`` names the nodes).

@@ -289,6 +289,44 @@ class D2NN(AdaptiveModel):
     def exit_costs(self, x: torch.Tensor, cost: str = "flops"):
         raise self._no_exit_policy("exit_costs")
 
+    # -- routing --------------------------------------------------------------------------------
+    def _routes_on(self, device) -> list[torch.Tensor | None]:
+        return [None if r is None else r.to(device) for r in self._routes]
+
+    def _head_logits(self, i: int, node: Node, h: torch.Tensor) -> torch.Tensor | None:
+        if node.head is None:
+            return None
+        try:
+            return node.head(h).float()
+        except RuntimeError as err:
+            raise ValueError(
+                f"node {i} ({node.name}): its head does not fit the node's output {tuple(h.shape)}: {err}"
+            ) from err
+
+    def _controller_scores(self, i: int, node: Node, h: torch.Tensor) -> torch.Tensor | None:
+        """Node ``i``'s controller's action logits ``[n, actions]`` (``None``: no choice here)."""
+        routes = self._routes[i]
+        if routes is None:
+            return None
+        scores = self.controllers[str(i)](h)
+        if scores.dim() != 2 or scores.shape != (h.shape[0], routes.numel()):
+            raise ValueError(
+                f"node {i} ({node.name}): its controller returned shape {tuple(scores.shape)}, expected "
+                f"[{h.shape[0]}, {routes.numel()}] (actions: {', '.join(self.actions(i))})"
+            )
+        return scores
+
+    def init_state(self, n: int, device) -> dict:
+        return {}
+
+    def route(self, i: int, node: Node, h: torch.Tensor, state: dict):
+        """Deterministic routing (each controller's argmax), the router of :func:`adaexit.stream`;
+        equal to an ``eval()`` rollout's decisions."""
+        logits = self._head_logits(i, node, h)
+        scores = self._controller_scores(i, node, h)
+        route = None if scores is None else self._routes[i].to(h.device)[scores.argmax(dim=1)]
+        return logits, route, state
+
     def forward(self, x: torch.Tensor, return_info: bool = False):
         """``eval()``: deterministic routing (argmax), sparse; returns ``[N, classes]`` logits in the
         original order (and the :class:`Rollout` with ``return_info=True``). ``train()``: a sampled
@@ -310,29 +348,16 @@ class _Router:
         self.logp_out = torch.zeros(n, device=device)
         self.cost_out = torch.zeros(n, device=device)
         self.entropy_out = torch.zeros(n, device=device)
-        self.routes = [None if r is None else r.to(device) for r in model._routes]
+        self.routes = model._routes_on(device)
 
     def __call__(self, i: int, node: Node, h: torch.Tensor, state: dict):
         state = dict(state)
         state["d2nn_cost"] = state["d2nn_cost"] + self.flops[i] / self.max_path
-        logits = None
-        if node.head is not None:
-            try:
-                logits = node.head(h).float()
-            except RuntimeError as err:
-                raise ValueError(
-                    f"node {i} ({node.name}): its head does not fit the node's output {tuple(h.shape)}: {err}"
-                ) from err
-        routes = self.routes[i]
+        logits = self.model._head_logits(i, node, h)
+        scores = self.model._controller_scores(i, node, h)
         route = None
-        if routes is not None:
-            ctrl = self.model.controllers[str(i)]
-            scores = ctrl(h)
-            if scores.dim() != 2 or scores.shape != (h.shape[0], routes.numel()):
-                raise ValueError(
-                    f"node {i} ({node.name}): its controller returned shape {tuple(scores.shape)}, expected "
-                    f"[{h.shape[0]}, {routes.numel()}] (actions: {', '.join(self.model.actions(i))})"
-                )
+        if scores is not None:
+            routes = self.routes[i]
             if self.sample:
                 dist = torch.distributions.Categorical(logits=scores.float())
                 if self.uniform:

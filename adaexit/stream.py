@@ -1,0 +1,289 @@
+"""Cross-batch re-batching: every node of an adaptive model runs on full batches.
+
+Sparse execution of one batch saves FLOPs but not always time: after a few exits the later nodes run on
+a handful of rows, where the time per row is many times that of a full batch. :func:`stream` regroups
+the surviving rows of *many* input batches: a queue per graph node holds the rows routed to it (with
+their per-row state), and a node runs when its queue holds ``batch_size`` rows. Each input batch's
+outputs are yielded in input order as soon as all its rows are done, equal to ``model(batch)``.
+
+It is a scheduling layer over the one executor: the same node step (:func:`adaexit.executor.run_node`:
+node module, router, partition, gather), the same merge of sub-batches and the same scatter of exits.
+
+Scheduling rules (:class:`Scheduler`):
+
+* run the deepest node whose queue holds at least ``batch_size`` rows (deep rows are closest to done);
+* when no queue is full: if the rows in flight reached the bound (or a new batch waits for room), run
+  the deepest non-empty queue (finishing rows makes room); if the input has ended, the shallowest one
+  (moving rows on fills the later queues); if a queued row has waited ``max_wait_ms``, its queue;
+* admit a new input batch only while the rows in flight stay within ``max_rows_in_flight`` (default
+  ``4 * batch_size``; a batch larger than the bound is admitted alone), so memory stays bounded.
+
+Host synchronisation: as in one batch, one per decision point, plus one per node run with exits (how
+many rows of each input batch finished).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from .base import AdaptiveModel
+from .executor import SOURCE_KEY, merge, needs_source, num_rows, run_node, validate_graph
+from .kernels import gather_rows, scatter_rows
+from .kernels._dispatch import to_host
+
+
+@dataclass
+class _Part:
+    """Rows waiting in a node's queue: ids, what the node reads, their state, when they arrived."""
+
+    rows: torch.Tensor
+    payload: object
+    state: dict
+    since: float
+
+
+@dataclass
+class _Batch:
+    """An admitted input batch: its row ids are ``start .. start + n - 1``."""
+
+    start: int
+    n: int
+    remaining: int
+    tag: object = None
+
+
+@dataclass
+class StreamStats:
+    """What the scheduler did: per node, how many times it ran and on how many rows in all."""
+
+    runs: list[int] = field(default_factory=list)
+    rows_run: list[int] = field(default_factory=list)
+
+    @property
+    def mean_rows_per_run(self) -> list[float]:
+        return [r / c if c else 0.0 for r, c in zip(self.rows_run, self.runs)]
+
+
+class Scheduler:
+    """Queues of rows per graph node, run on full batches (see the module docstring).
+
+    Args:
+        model: an :class:`~adaexit.AdaptiveModel` in ``eval()`` mode.
+        batch_size: a node runs when its queue holds at least this many rows.
+        max_wait_ms: also run a partial queue once one of its rows has waited this long.
+        max_rows_in_flight: bound on admitted rows not yet returned (default ``4 * batch_size``).
+    """
+
+    def __init__(self, model: AdaptiveModel, batch_size: int, max_wait_ms: float | None = None,
+                 max_rows_in_flight: int | None = None):
+        if not isinstance(model, AdaptiveModel):
+            raise ValueError(f"stream: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
+        if model.training:
+            raise ValueError("stream: the model is in training mode; call model.eval() first")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
+            raise ValueError(f"stream: batch_size must be an integer >= 1, got {batch_size}")
+        if max_wait_ms is not None and not max_wait_ms >= 0:
+            raise ValueError(f"stream: max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.batch_size = int(batch_size)
+        self.capacity = int(max_rows_in_flight or 4 * self.batch_size)
+        if self.capacity < 1:
+            raise ValueError(f"stream: max_rows_in_flight must be >= 1, got {max_rows_in_flight}")
+        self.model = model
+        self.nodes = model.graph()
+        validate_graph(self.nodes)
+        self.max_wait = None if max_wait_ms is None else max_wait_ms / 1e3
+        self.source = needs_source(self.nodes)
+        self.queues: list[deque[_Part]] = [deque() for _ in self.nodes]
+        self.queued = [0] * len(self.nodes)
+        self.open: deque[_Batch] = deque()
+        self.next_id = 0
+        self.logits: torch.Tensor | None = None  # ring buffer: row id r lives at slot r % capacity
+        self.exit_index: torch.Tensor | None = None
+        self.stats = StreamStats([0] * len(self.nodes), [0] * len(self.nodes))
+
+    # -- admission ------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Rows admitted and not yet returned (ids from the oldest open batch on)."""
+        return self.next_id - self.open[0].start if self.open else 0
+
+    def can_admit(self, n: int) -> bool:
+        if n > self.capacity:
+            return not self.open  # alone, once everything before it is out
+        return self.next_id + n - (self.open[0].start if self.open else self.next_id) <= self.capacity
+
+    def admit(self, x, tag=None) -> None:
+        """Queue the rows of an input batch at the first node; ``x`` is what ``model.prepare_input``
+        returned for it."""
+        n = num_rows(x)
+        if not self.can_admit(n):
+            raise RuntimeError("stream: admit() called with no room; run steps first")
+        if n > self.capacity:  # nothing is in flight: grow the ring buffer for this batch
+            self.capacity, self.logits, self.exit_index = n, None, None
+        self.open.append(_Batch(self.next_id, n, n, tag))
+        if n:
+            device = x.device
+            rows = torch.arange(self.next_id, self.next_id + n, device=device)
+            state = dict(self.model.init_state(n, device))
+            if self.source:
+                state[SOURCE_KEY] = x
+            self._enqueue(0, _Part(rows, x, state, time.monotonic()))
+        self.next_id += n
+
+    def _enqueue(self, i: int, part: _Part) -> None:
+        self.queues[i].append(part)
+        self.queued[i] += part.rows.shape[0]
+
+    # -- running --------------------------------------------------------------------------------
+    def next_node(self, flush: bool = False, drain: bool = False) -> int | None:
+        """The node to run next, or ``None`` when none should run now (see the module docstring)."""
+        for i in reversed(range(len(self.nodes))):
+            if self.queued[i] >= self.batch_size:
+                return i
+        waiting = [i for i in range(len(self.nodes)) if self.queued[i]]
+        if not waiting:
+            return None
+        if drain or self.in_flight >= self.capacity:
+            return waiting[-1]  # room is made by finishing rows: the deepest ones are closest to done
+        if flush:
+            return waiting[0]  # the input has ended: move rows forward, so later queues fill up
+        if self.max_wait is not None:
+            now = time.monotonic()
+            for i in waiting:
+                if now - min(p.since for p in self.queues[i]) >= self.max_wait:
+                    return i
+        return None
+
+    def step(self, flush: bool = False, drain: bool = False) -> bool:
+        """Run one node if one should run; ``flush``: the input has ended, partial queues run too;
+        ``drain``: a batch waits for room, partial queues run, deepest first. Whether a node ran."""
+        i = self.next_node(flush, drain)
+        if i is None:
+            return False
+        node = self.nodes[i]
+        parts = list(self.queues[i])
+        self.queues[i].clear()
+        self.queued[i] = 0
+        rows, payload, state = merge([(p.rows, p.payload, p.state) for p in parts], node, i)
+        try:
+            result = run_node(self.nodes, i, rows, payload, state, self.model.route)
+        except Exception as err:
+            kind = ValueError if isinstance(err, ValueError) else RuntimeError
+            raise kind(f"stream: node {i} ({node.name}) failed on {rows.shape[0]} rows: {err}") from err
+        self.stats.runs[i] += 1
+        self.stats.rows_run[i] += rows.shape[0]
+        for exit_rows, logits in result.exits:
+            self._write(i, exit_rows, logits)
+        since = min(p.since for p in parts)  # rows keep their oldest arrival: max_wait bounds the whole wait
+        for h in result.handoffs:
+            self._enqueue(h.target, _Part(h.rows, h.payload, h.state, since))
+        return True
+
+    def deadline(self) -> float | None:
+        """The ``time.monotonic()`` at which a queued row will have waited ``max_wait_ms`` (``None``
+        without ``max_wait_ms`` or with nothing queued): when a caller waiting for input should step."""
+        if self.max_wait is None:
+            return None
+        oldest = [p.since for q in self.queues for p in q]
+        return min(oldest) + self.max_wait if oldest else None
+
+    def _write(self, i: int, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = torch.empty((self.capacity, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+            self.exit_index = torch.full((self.capacity,), -1, dtype=torch.long, device=logits.device)
+        elif logits.shape[1] != self.logits.shape[1]:
+            raise ValueError(
+                f"stream: node {i} ({self.nodes[i].name}) predicts {logits.shape[1]} classes, an earlier exit "
+                f"predicted {self.logits.shape[1]}"
+            )
+        slots = rows % self.capacity
+        scatter_rows(self.logits, slots, logits.to(self.logits.dtype))
+        self.exit_index.index_fill_(0, slots, i)
+        # how many rows of each open batch finished here: one host read
+        starts = torch.tensor([b.start for b in self.open], device=rows.device)
+        which = torch.searchsorted(starts, rows, right=True) - 1
+        for batch, done in zip(self.open, to_host(torch.bincount(which, minlength=len(self.open)))):
+            batch.remaining -= done
+
+    def pop_done(self) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
+        """``(tag, logits, exit_index)`` of each finished batch at the front, in input order."""
+        dtype = self.model.output_dtype()
+        while self.open and self.open[0].remaining == 0:
+            batch = self.open.popleft()
+            if batch.n == 0:
+                classes = self.logits.shape[1] if self.logits is not None else self._classes()
+                device = self.logits.device if self.logits is not None else torch.device("cpu")
+                logits = torch.empty((0, classes), device=device)
+                exits = torch.empty(0, dtype=torch.long, device=device)
+            else:
+                slots = torch.arange(batch.start, batch.start + batch.n, device=self.logits.device) % self.capacity
+                logits, exits = gather_rows(self.logits, slots), gather_rows(self.exit_index, slots)
+            yield batch.tag, (logits if dtype is None else logits.to(dtype)), exits
+
+    def _classes(self) -> int:
+        return getattr(self.nodes[-1].head, "num_classes", 0) or 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.open
+
+
+def stream(
+    model: AdaptiveModel,
+    batches: Iterable,
+    *,
+    batch_size: int | None = None,
+    max_wait_ms: float | None = None,
+    max_rows_in_flight: int | None = None,
+    return_info: bool = False,
+) -> Iterator:
+    """Run ``model`` over an iterable of input batches with cross-batch re-batching; yield each batch's
+    output in input order, equal to ``model(batch)`` (see the module docstring).
+
+    Args:
+        model: an :class:`~adaexit.AdaptiveModel` in ``eval()`` mode.
+        batches: input batches, as ``model`` takes them (tensors; any number of rows, 0 included).
+        batch_size: rows per node run (default: the first batch's size).
+        max_wait_ms: run a partial queue once a row has waited this long (checked between node runs;
+            for requests arriving in real time use :class:`adaexit.Server`).
+        max_rows_in_flight: bound on rows admitted and not yet yielded (default ``4 * batch_size``).
+        return_info: yield ``(output, exit_index)`` instead of the output.
+
+    Yields what ``model(batch)`` returns, one per input batch. A failing node raises an error naming it;
+    batches not finished by then are not yielded.
+    """
+    if not isinstance(model, AdaptiveModel):
+        raise ValueError(f"stream: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
+    scheduler = None
+    with torch.inference_mode():
+        for x in batches:
+            x = model.prepare_input(x)
+            n = num_rows(x)
+            if scheduler is None:
+                size = batch_size if batch_size is not None else max(1, n)
+                scheduler = Scheduler(model, size, max_wait_ms, max_rows_in_flight)
+            while not scheduler.can_admit(n):
+                scheduler.step(drain=True)
+                yield from _outputs(model, scheduler, return_info)
+            scheduler.admit(x)
+            while scheduler.step():
+                yield from _outputs(model, scheduler, return_info)
+            yield from _outputs(model, scheduler, return_info)
+        if scheduler is not None:
+            while scheduler.step(flush=True):
+                yield from _outputs(model, scheduler, return_info)
+            yield from _outputs(model, scheduler, return_info)
+
+
+def _outputs(model: AdaptiveModel, scheduler: Scheduler, return_info: bool):
+    for _, logits, exits in scheduler.pop_done():
+        out = model.finish_output(logits)
+        yield (out, exits) if return_info else out
+
+
+__all__ = ["Scheduler", "StreamStats", "stream"]
