@@ -16,7 +16,7 @@ its graph; policies only decide routes.
 * dynamic routing (D2NN): :class:`D2NN`, :class:`Controller`, :class:`D2NNTrainer` and the topology builders
 """
 
-from .adapters import wrap
+from .wrappers import wrap
 from .anytime import EANN, AnytimeInfo, AnytimeRunner, anytime_curve, anytime_predict
 from .base import AdaptiveModel, ExitInfo
 from .calibration import CalibrationPoint, CalibrationResult, calibrate

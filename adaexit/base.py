@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .cost import chain_flops, chain_latency, module_device
-from .executor import SOURCE, ExecutionTrace, Node, execute
+from .executor import SOURCE, ExecutionTrace, Node, execute, num_rows
 from .policies import Policy, RoutingPolicy, policy_from_state
 
 COSTS = ("flops", "latency")
@@ -94,6 +94,14 @@ def restore_policy_class(model: nn.Module, state_dict, prefix, *args) -> None:
         policy = policy_from_state(saved, current)
         if policy is not current:
             model.set_policy(policy)
+
+
+def _shape_key(x) -> tuple:
+    """Per-row shapes and dtypes of an input (a tensor or a RowBatch's tensors): what per-example costs
+    depend on."""
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape[1:]), x.dtype)
+    return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(vars(x).items()) if isinstance(v, torch.Tensor))
 
 
 class AdaptiveModel(nn.Module):
@@ -178,14 +186,14 @@ class AdaptiveModel(nn.Module):
         """
         if cost not in COSTS:
             raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-        if x.shape[0] == 0:
+        if num_rows(x) == 0:
             raise ValueError("exit_costs needs at least one row")
         nodes = self.graph()
         stages, heads = [n.module for n in nodes], [n.head for n in nodes]
         reads_input = [k == 0 or n.takes == SOURCE for k, n in enumerate(nodes)]
         if cost == "latency":
             return chain_latency(stages, heads, x, reads_input=reads_input)
-        key = (tuple(x.shape[1:]), x.dtype)
+        key = _shape_key(x)
         if key not in self._flops_cache:
             self._flops_cache[key] = chain_flops(stages, heads, x, reads_input)
         return self._flops_cache[key]
@@ -242,10 +250,11 @@ class AdaptiveModel(nn.Module):
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ExecutionTrace]:
         """Sparse execution of the batch under the policy: ``(logits [N, classes], trace)``."""
-        logits, trace = execute(self.graph(), x, self.route, self.init_state(x.shape[0], x.device))
-        if sum(trace.exit_counts) != x.shape[0]:
+        n = num_rows(x)
+        logits, trace = execute(self.graph(), x, self.route, self.init_state(n, x.device))
+        if sum(trace.exit_counts) != n:
             raise ValueError(
-                f"the policy lost rows ({x.shape[0] - sum(trace.exit_counts)} of {x.shape[0]}): routes "
+                f"the policy lost rows ({n - sum(trace.exit_counts)} of {n}): routes "
                 "must lie in [0, 1 + len(successors[k])) at every node k"
             )
         dtype = self.output_dtype()
@@ -253,7 +262,7 @@ class AdaptiveModel(nn.Module):
 
     def exit_info(self, x: torch.Tensor, trace: ExecutionTrace) -> ExitInfo:
         """The :class:`ExitInfo` of a sparse execution of ``x``."""
-        n = x.shape[0]
+        n = num_rows(x)
         if n:
             stage_flops, head_flops = self.exit_costs(x, "flops")
             reference = self.reference_cost(x, "flops")

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .executor import num_rows, take_rows
+
 
 @contextmanager
 def eval_mode(*modules):
@@ -50,7 +52,7 @@ def chain_flops(
     Stage ``k`` reads stage ``k - 1``'s output, or the original input where ``reads_input[k]`` (a
     cascade's whole networks). A ``None`` head costs 0. Returns ``(stage_flops, head_flops)``.
     """
-    x = example[:1]
+    x = take_rows(example, torch.arange(1, device=example.device))
     h = x
     stage_flops, head_flops = [], []
     for k, (stage, head) in enumerate(zip(stages, heads)):
@@ -177,7 +179,7 @@ def chain_latency(
 
     Returns ``(stage_ms, head_ms)``: median time of the call divided by the batch size.
     """
-    n = max(1, batch.shape[0])
+    n = max(1, num_rows(batch))
     h = batch
     stage_ms, head_ms = [], []
     with eval_mode(*stages, *[head for head in heads if head is not None]):  # timing must not update BatchNorm

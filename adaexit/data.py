@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,18 @@ def train_val_split(x: torch.Tensor, y: torch.Tensor, val_size: int | float = 50
 
 
 
+def to_device(x, device):
+    """``x`` on ``device``: a tensor, a mapping of tensors (a tokenizer's output) or any object with
+    ``.to(device)``; ``device=None`` leaves it where it is."""
+    if device is None:
+        return x
+    if hasattr(x, "to"):  # tensors, a tokenizer's BatchEncoding, RowBatch inputs
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def batches(data, batch_size: int | None = None, shuffle: bool = False, generator=None, device=None):
     """Yield ``(x, y)`` batches from an ``(x, y)`` pair of tensors or from an iterable of batches
     (a ``DataLoader``, a :class:`TensorLoader`, a list), moved to ``device`` when given.
@@ -190,7 +203,7 @@ def batches(data, batch_size: int | None = None, shuffle: bool = False, generato
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("data must be an (x, y) pair of tensors or an iterable of (x, y) batches")
         inputs, labels = batch[0], batch[1]
-        yield (inputs, labels) if device is None else (inputs.to(device), labels.to(device))
+        yield (inputs, labels) if device is None else (to_device(inputs, device), labels.to(device))
 
 
 class TensorLoader:

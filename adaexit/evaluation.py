@@ -20,7 +20,8 @@ import torch
 
 from .base import AdaptiveModel, standalone_costs
 from .cost import eval_mode, module_device
-from .data import batches
+from .data import batches, to_device
+from .executor import num_rows
 from .policies import ConfidencePolicy, LearnedPolicy, NeverExitPolicy, Policy
 from .simulation import check_costs, check_labels, stack_logits
 
@@ -83,13 +84,11 @@ def collect(model: AdaptiveModel, data, cost: str = "flops", progress: bool = Fa
         for i, batch in enumerate(tqdm(batches(data, batch_size), desc=desc, disable=not progress, leave=False)):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError(f"data: batch {i} is not an (x, y) pair")
-            x, y = batch[0], batch[1]
-            if x.shape[0] != len(y):
-                raise ValueError(f"data: batch {i} has {x.shape[0]} inputs but {len(y)} labels")
-            if x.shape[0] == 0:
+            x, y = model.prepare_input(to_device(batch[0], device)), batch[1]
+            if num_rows(x) != len(y):
+                raise ValueError(f"data: batch {i} has {num_rows(x)} inputs but {len(y)} labels")
+            if num_rows(x) == 0:
                 continue
-            if device is not None:
-                x = x.to(device)
             outs = list(model.exit_logits(x))
             if len(outs) != num_exits:
                 raise ValueError(f"model.exit_logits returned {len(outs)} tensors; model.num_exits is {num_exits}")
@@ -297,16 +296,17 @@ def evaluate_policy(model: AdaptiveModel, data, policy: Policy | None = None, co
     try:
         with eval_mode(model):
             for x, y in batches(data, batch_size, device=module_device(model)):
-                if x.shape[0] == 0:
+                x = model.prepare_input(x)
+                if num_rows(x) == 0:
                     continue
                 first = x if first is None else first
-                logits, info = model(x, return_info=True)
+                logits, trace = model.run(x)
                 right += int((logits.argmax(1) == y.to(logits.device)).sum())
-                total += x.shape[0]
+                total += num_rows(x)
                 for k in range(len(rows_run)):
-                    rows_run[k] += info.rows_run[k]
-                    rows_decided[k] += info.rows_decided[k]
-                    exits[k] += info.exit_counts[k]
+                    rows_run[k] += trace.rows_run[k]
+                    rows_decided[k] += trace.rows_decided[k]
+                    exits[k] += trace.exit_counts[k]
     finally:
         model.policy = saved
     if first is None:

@@ -81,6 +81,11 @@ class ExitHead(nn.Module):
         )
 
 
+def logits_gate(logits: torch.Tensor, criterion: str, threshold: float, gate: torch.Tensor | None = None):
+    """The gate of a head whose logits come from torch: ``exit_gate`` on the logits (no linear layer)."""
+    return exit_gate(logits, None, None, criterion=criterion, threshold=threshold, gate=gate)
+
+
 class LogitsHead(nn.Module):
     """The head of a node whose module already outputs logits (a whole network in a cascade)."""
 
@@ -92,4 +97,4 @@ class LogitsHead(nn.Module):
         return h
 
     def gate(self, h: torch.Tensor, criterion: str, threshold: float, gate: torch.Tensor | None = None):
-        return exit_gate(h, None, None, criterion=criterion, threshold=threshold, gate=gate)
+        return logits_gate(h, criterion, threshold, gate)

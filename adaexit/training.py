@@ -40,6 +40,7 @@ from torch import nn
 
 from .base import AdaptiveModel
 from .cost import module_device
+from .data import to_device
 
 try:  # tqdm is a dependency, but training must not break if a minimal install lacks it
     from tqdm.auto import tqdm
@@ -336,7 +337,7 @@ def _fit(
             for step, (x, y) in enumerate(loader):
                 if max_steps is not None and step >= max_steps:
                     break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(x, device), y.to(device, non_blocking=True)
                 outputs = _as_list(model(x))
                 loss = loss_fn(outputs, y)
                 if not torch.isfinite(loss):
