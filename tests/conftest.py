@@ -13,15 +13,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# One tolerance table per dtype (FlagGems' RESOLUTION idea): relative tolerance, and an absolute
-# tolerance per unit of reduction length (atol = ATOL_PER_SQRT_K[dtype] * sqrt(K) for a K-term sum).
-RTOL = {torch.float32: 1.3e-6 * 10, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
-ATOL_PER_SQRT_K = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def tolerance(dtype: torch.dtype, reduction_length: int = 1) -> dict:
-    """``assert_close`` keyword arguments for a result of a ``reduction_length``-term sum in ``dtype``."""
-    return {"rtol": RTOL[dtype], "atol": ATOL_PER_SQRT_K[dtype] * max(1, reduction_length) ** 0.5}
+# One tolerance table per dtype (FlagGems' RESOLUTION idea), defined once beside the kernel case lists that
+# the tests and the GPU kit share.
+from bench.kernel_cases import ATOL_PER_SQRT_K, RTOL, tolerance  # noqa: E402,F401
 
 
 @pytest.fixture

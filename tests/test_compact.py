@@ -11,33 +11,11 @@ import pytest
 import torch
 
 from adaexit.kernels import compact, compact_torch, host_sync_count, partition
+from bench.kernel_cases import COMPACT_SIZES, KEEP_PATTERNS, capacities, make_keep, make_tensors
 
-SIZES = [0, 1, 7, 33, 300]
-PATTERNS = ["random", "all", "none", "alternating", "all_but_one", "only_one"]
-
-
-def make_keep(n: int, pattern: str) -> torch.Tensor:
-    i = torch.arange(n)
-    return {
-        "random": torch.rand(n) < 0.5,
-        "all": torch.ones(n, dtype=torch.bool),
-        "none": torch.zeros(n, dtype=torch.bool),
-        "alternating": i % 2 == 0,
-        "all_but_one": i != n // 2,
-        "only_one": i == n - 1,
-    }[pattern]
-
-
-def make_tensors(n: int) -> list:
-    """Per-example tensors that travel with a batch: activations, ids, masks, fp16 features, images."""
-    return [
-        torch.randn(n, 5),
-        torch.arange(n) * 3,
-        torch.rand(n, 4) < 0.5,
-        torch.randn(n, 6).half(),
-        torch.randn(n, 3, 2, 2).to(memory_format=torch.channels_last),
-        torch.randn(n, 4, 6)[:, 0],  # CLS-token view
-    ]
+# shared with the GPU kit (bench/gpu_check.py)
+SIZES = COMPACT_SIZES
+PATTERNS = KEEP_PATTERNS
 
 
 def naive(keep: torch.Tensor, tensors: list, capacity=None) -> list:
@@ -62,10 +40,6 @@ def assert_all_equal(got, expected):
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype and g.shape == e.shape
         assert torch.equal(g, e)
-
-
-def capacities(n: int) -> list:
-    return sorted({0, max(n // 3, 1), n, n + 4})
 
 
 @pytest.mark.parametrize("n", SIZES)

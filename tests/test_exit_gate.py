@@ -20,77 +20,25 @@ import torch
 from adaexit.kernels import CRITERIA, exit_gate, exit_gate_torch
 from adaexit.kernels.ops import exit_gate as exit_gate_module
 from adaexit.kernels.ops.exit_gate import COMPILE_SPECS, _collapse_spatial
+from bench.kernel_cases import (
+    EXIT_GATE_NONFINITE,
+    EXIT_GATE_SHAPES_2D,
+    EXIT_GATE_SPATIAL,
+    EXIT_GATE_STRIDED,
+    EXIT_GATE_WEIGHT_NONE,
+    EXIT_GATE_WEIGHT_NONE_IDS,
+    NONFINITE_ROWS,
+    check_exit_gate,
+    nonfinite_h,
+)
+from bench.kernel_cases import gate_for as _gate_for
 from conftest import tolerance
 
-GATE = torch.tensor([2.0, 1.0, 3.0, -3.0])
-FP32_UNIT_ROUNDOFF = 2.0**-24  # u: fp32 rounds to nearest with relative error <= 2^-24
 
-
-def _gate_for(criterion):
-    return GATE if criterion == "learned" else None
-
-
-def _summed_magnitude(h, weight, bias):
-    """The largest finite ``sum |terms|`` behind one logit: ``|h|`` pooled, then ``@ |weight|^T + |bias|``."""
-    a = h.double().abs()
-    if a.dim() > 2:
-        a = a.flatten(2).mean(dim=2)
-    if weight is not None:
-        a = a @ weight.double().abs().T
-        if bias is not None:
-            a = a + bias.double().abs()
-    a = a[torch.isfinite(a)]
-    return float(a.max()) if a.numel() else 0.0
-
-
-def _check(h, weight, bias=None, criterion="maxprob", threshold=None, gate=None, nonfinite_rows=()):
-    """Run kernel and reference; compare logits, scores and (away from ties) the exit mask.
-
-    Tolerances. A logit is an fp32 sum of ``n <= D*S`` terms (pooling, then the dot product), and the two
-    implementations order that sum differently (the kernel's tiles vs the BLAS behind ``F.linear``). The
-    rounding error of such a sum scales with the magnitude of its *terms*, not of its result: each
-    implementation is off by about ``sqrt(n) * u * sum|terms|`` (u = 2^-24; the probabilistic bound of
-    Higham & Mary, 2019 -- the worst case is ``n * u * sum|terms|``), so the two differ by up to twice that.
-    The logits' atol is that bound, ``2 * sqrt(n) * u * max sum|terms|``, or the table's ``tolerance(fp32, n)``
-    where that is larger. For inputs of order one the table's atol is the larger (every test here but
-    ``test_large_logits_stable``), so only large-magnitude inputs -- logits ~1e4 that cancel to ~1 and differ
-    by ~1e-3 -- get a wider atol.
-
-    Scores: the kernel's scores must match the reference's scores *of the kernel's own logits* to the
-    table's tolerance for a K-term softmax, which checks the score stage tightly at any magnitude. Against
-    the reference's scores, a logit error ``delta`` moves a score by about ``delta`` at most (a softmax
-    probability by ``<= delta / 2``), so that comparison and the exit mask's tie band use the logits' atol.
-    """
-    if gate is None:
-        gate = _gate_for(criterion)
-    ref_logits, ref_score, _ = exit_gate_torch(h, weight, bias, criterion=criterion, threshold=0.0, gate=gate)
-    if threshold is None:  # split the batch: about half the rows exit
-        finite = ref_score[torch.isfinite(ref_score)]
-        threshold = float(finite.median()) if finite.numel() else 0.5
-    ref = exit_gate_torch(h, weight, bias, criterion=criterion, threshold=threshold, gate=gate)
-    out = exit_gate(h, weight, bias, criterion=criterion, threshold=threshold, gate=gate)
-    N = h.shape[0]
-    K = ref[0].shape[1]
-    length = h.shape[1] * max(1, math.prod(h.shape[2:]))
-    assert out[0].shape == (N, K) and out[0].dtype == torch.float32
-    assert out[1].shape == (N,) and out[1].dtype == torch.float32
-    assert out[2].shape == (N,) and out[2].dtype == torch.bool
-    table = tolerance(torch.float32, length)
-    rounding = 2 * math.sqrt(length) * FP32_UNIT_ROUNDOFF * _summed_magnitude(h, weight, bias)
-    tol = dict(table, atol=max(table["atol"], rounding))
-    torch.testing.assert_close(out[0], ref[0], equal_nan=True, **tol)
-    own = exit_gate_torch(out[0], None, criterion=criterion, threshold=threshold, gate=gate)
-    torch.testing.assert_close(out[1], own[1], equal_nan=True, **tolerance(torch.float32, K))
-    torch.testing.assert_close(out[1], ref[1], equal_nan=True, **tol)
-    score = ref[1]
-    assert ((score >= 0) & (score <= 1) | score.isnan()).all()
-    assert (out[1].isnan() == score.isnan()).all()
-    assert not out[2][out[1].isnan()].any(), "a NaN score exited"
-    away = (score - threshold).abs() > tol["atol"] + tol["rtol"] * abs(threshold)
-    assert torch.equal(out[2][away], ref[2][away])
-    for r in nonfinite_rows:
-        assert out[1][r].isnan() and not out[2][r]
-    return out, ref
+def _check(*args, **kwargs):
+    """Kernel vs reference on the same tensors (the rule is :func:`bench.kernel_cases.check_exit_gate`, shared
+    with the GPU kit), with the tolerance table of conftest."""
+    return check_exit_gate(*args, tolerance=tolerance, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,17 +189,7 @@ def test_errors(kwargs, match, backend, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # kernel vs reference (interpreter)
 # ---------------------------------------------------------------------------------------------
-SHAPES_2D = [
-    # (N, D, K): odd sizes, N across block boundaries (BLOCK_N = 16), K across class tiles (64)
-    (1, 3, 2),
-    (7, 33, 10),
-    (70, 33, 17),
-    (7, 300, 10),
-    (16, 3, 17),
-    (17, 64, 2),
-    (7, 33, 1000),
-    (33, 300, 130),
-]
+SHAPES_2D = EXIT_GATE_SHAPES_2D  # (N, D, K), shared with the GPU kit
 
 
 @pytest.mark.interpreter
@@ -275,17 +213,7 @@ def test_criteria(triton_backend, criterion, K):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize(
-    "shape, K",
-    [
-        ((7, 12, 5, 3), 10),  # [N, C, H, W], one class tile: pooled on the fly
-        ((5, 12, 3, 3), 100),  # several class tiles: pooled once into the fp32 scratch
-        ((18, 33, 7), 17),  # [N, C, L]
-        ((3, 8, 2, 3, 2), 10),  # [N, C, D, H, W]
-        ((4, 6, 1, 1), 2),  # 1x1 spatial: treated as 2D
-        ((2, 5, 70), 3),  # S larger than one BLOCK_S
-    ],
-)
+@pytest.mark.parametrize("shape, K", EXIT_GATE_SPATIAL)
 def test_spatial(triton_backend, shape, K):
     h = torch.randn(shape)
     w = torch.randn(K, shape[1])
@@ -310,17 +238,7 @@ def test_non_collapsible_spatial_falls_back(triton_backend):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: torch.randn(11, 9, 40)[:, 0],  # CLS token of [N, L, D]
-        lambda: torch.randn(40, 11).t(),  # transposed
-        lambda: torch.randn(11, 80)[:, ::2],  # sliced columns
-        lambda: torch.randn(30, 40)[3:25:2],  # sliced rows
-        lambda: torch.randn(1, 40).expand(11, 40),  # stride 0
-    ],
-    ids=["cls_token", "transposed", "sliced_cols", "sliced_rows", "expanded"],
-)
+@pytest.mark.parametrize("make", list(EXIT_GATE_STRIDED.values()), ids=list(EXIT_GATE_STRIDED))
 def test_strided_h(triton_backend, make):
     h = make()
     w = torch.randn(70, 40) / 4
@@ -372,11 +290,7 @@ def test_bf16_compute_needs_gpu(triton_backend):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize(
-    "shape",
-    [(9, 12), (9, 300), (9, 40, 3), (4, 100, 2, 2)],
-    ids=["2d", "2d_multitile", "spatial", "spatial_multitile"],
-)
+@pytest.mark.parametrize("shape", EXIT_GATE_WEIGHT_NONE, ids=EXIT_GATE_WEIGHT_NONE_IDS)
 def test_weight_none(triton_backend, shape):
     h = torch.randn(shape) * 3
     out, _ = _check(h, None, criterion="entropy")
@@ -409,15 +323,12 @@ def test_all_exit_and_none_exit(triton_backend, criterion):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN rows
 @pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 @pytest.mark.parametrize("criterion", CRITERIA)
-@pytest.mark.parametrize("shape, K", [((8, 10), 10), ((8, 10), 100), ((8, 10, 3), 100), ((8, 70), None)])
+@pytest.mark.parametrize("shape, K", EXIT_GATE_NONFINITE)
 def test_nan_inf_rows_never_exit(triton_backend, criterion, shape, K):
-    h = torch.randn(shape)
-    h[1].view(-1)[3] = float("nan")
-    h[4].view(-1)[0] = float("inf")
-    h[6].view(-1)[-1] = float("-inf")
+    h = nonfinite_h(shape)  # NaN / +Inf / -Inf in rows NONFINITE_ROWS = (1, 4, 6)
     w = None if K is None else torch.randn(K, shape[1])
-    out, _ = _check(h, w, criterion=criterion, threshold=0.0, nonfinite_rows=(1, 4, 6))
-    finite_rows = [r for r in range(shape[0]) if r not in (1, 4, 6)]
+    out, _ = _check(h, w, criterion=criterion, threshold=0.0, nonfinite_rows=NONFINITE_ROWS)
+    finite_rows = [r for r in range(shape[0]) if r not in NONFINITE_ROWS]
     assert out[2][finite_rows].all()
 
 

@@ -6,40 +6,18 @@ import torch
 from adaexit.kernels import _layout, gather_rows, gather_rows_torch, scatter_rows, scatter_rows_torch
 from adaexit.kernels.ops import gather_rows as gather_mod
 from adaexit.kernels.ops import scatter_rows as scatter_mod
+from bench.kernel_cases import (
+    INDEX_PATTERNS,
+    LAYOUTS,
+    MANY_ROW_BLOCK_SHAPES,
+    ROW_DTYPES,
+    SCATTER_INDEX_PATTERNS,
+    SCATTER_PAIRS,
+    rand,
+    scatter_case,
+)
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
-
-
-def rand(shape, dtype) -> torch.Tensor:
-    """Values that survive the cast to any dtype (bf16 too: copies move bits, no arithmetic involved)."""
-    if dtype == torch.bool:
-        return torch.rand(shape) < 0.5
-    return (torch.randn(shape) * 100).to(dtype)
-
-
-# name -> (function of M making the source [M, ...] with the layout under test, rows dense in memory?)
-LAYOUTS = {
-    "1d": (lambda m, dt: rand((m,), dt), True),
-    "row5": (lambda m, dt: rand((m, 5), dt), True),
-    "row345": (lambda m, dt: rand((m, 3, 4, 5), dt), True),
-    "channels_last": (lambda m, dt: rand((m, 3, 4, 5), dt).to(memory_format=torch.channels_last), True),
-    "transposed": (lambda m, dt: rand((m, 5, 4), dt).transpose(1, 2), True),
-    "cls_token": (lambda m, dt: rand((m, 6, 5), dt)[:, 0], True),  # h[:, 0]: dense rows, row stride 30
-    "sliced_last": (lambda m, dt: rand((m, 4, 8), dt)[..., :5], False),
-    "stepped": (lambda m, dt: rand((m, 3, 6, 5), dt)[:, :, ::2, 1:], False),
-    "channels_last_sliced": (lambda m, dt: rand((m, 4, 3, 5), dt).to(memory_format=torch.channels_last)[:, :2], False),
-    "expanded": (lambda m, dt: rand((m, 1, 5), dt).expand(m, 4, 5), False),
-    "four_strided_dims": (lambda m, dt: rand((m, 4, 4, 4, 4), dt)[:, ::2, ::2, ::2, ::2], False),  # .contiguous() fallback
-    "wide": (lambda m, dt: rand((m, 1500), dt), True),  # > one column chunk for fp32
-}
-
-INDEX_PATTERNS = {
-    "empty": lambda m: torch.zeros(0, dtype=torch.int64),
-    "single": lambda m: torch.tensor([m - 1]),
-    "reversed": lambda m: torch.arange(m - 1, -1, -1),
-    "random_repeats": lambda m: torch.randint(0, m, (2 * m + 1,)),
-    "every_other": lambda m: torch.arange(0, m, 2),
-}
+DTYPES = ROW_DTYPES  # the case lists are shared with the GPU kit (bench/gpu_check.py)
 
 
 @pytest.mark.interpreter
@@ -71,7 +49,7 @@ def test_gather_rows_triton_dtypes(triton_backend, dtype, layout, index_dtype):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("shape", [(1200,), (700, 5), (70, 3, 4, 5)])
+@pytest.mark.parametrize("shape", MANY_ROW_BLOCK_SHAPES)
 def test_gather_rows_triton_many_row_blocks(triton_backend, shape):
     """More rows than one tile (row tiles of 1024 / 512 / 64 rows for these shapes)."""
     x = rand(shape, torch.float32)
@@ -97,33 +75,9 @@ def test_gather_rows_torch_reference(layout):
     assert torch.equal(gather_rows(x, index), x[index])  # CPU default: the reference
 
 
-def scatter_case(out_layout: str, src_layout: str, m: int, index: torch.Tensor, dtype=torch.float32):
-    n = index.numel()
-    out = LAYOUTS[out_layout][0](m, dtype)
-    src = LAYOUTS[src_layout][0](n, dtype)
-    return out, src
-
-
-SCATTER_PAIRS = [
-    ("1d", "1d"),
-    ("row5", "row5"),
-    ("row345", "row345"),
-    ("channels_last", "channels_last"),
-    ("channels_last", "row345"),  # mixed layouts: strided kernel
-    ("row345", "channels_last"),
-    ("transposed", "transposed"),
-    ("cls_token", "row5"),
-    ("sliced_last", "sliced_last"),
-    ("row5", "cls_token"),
-    ("stepped", "stepped"),
-    ("four_strided_dims", "four_strided_dims"),  # torch fallback
-    ("wide", "wide"),
-]
-
-
 @pytest.mark.interpreter
 @pytest.mark.parametrize("out_layout,src_layout", SCATTER_PAIRS)
-@pytest.mark.parametrize("pattern", ["empty", "single", "reversed", "every_other"])
+@pytest.mark.parametrize("pattern", SCATTER_INDEX_PATTERNS)
 def test_scatter_rows_triton_layouts(triton_backend, out_layout, src_layout, pattern):
     index = INDEX_PATTERNS[pattern](9)
     out, src = scatter_case(out_layout, src_layout, 9, index)

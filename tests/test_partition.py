@@ -7,26 +7,18 @@ from hypothesis import strategies as st
 
 from adaexit.kernels import host_sync_count, partition, partition_torch
 from adaexit.kernels.ops import partition as partition_mod
+from bench.kernel_cases import (
+    NUM_ROUTES,
+    PARTITION_SIZES,
+    ROUTE_DTYPES,
+    ROUTE_PATTERNS,
+    TINY_PARTITION_BLOCKS,
+    make_route,
+)
 
-SIZES = [0, 1, 7, 33, 100, 4097]  # 4097 > one block of the single-launch kernel (4096)
-NUM_ROUTES = [1, 2, 3, 5]
-PATTERNS = ["random", "all_last", "alternating", "all_but_one", "descending"]
-
-
-def make_route(n: int, r: int, pattern: str, dtype=torch.int64) -> torch.Tensor:
-    if pattern == "random":
-        route = torch.randint(0, r, (n,))
-    elif pattern == "all_last":
-        route = torch.full((n,), r - 1)
-    elif pattern == "alternating":
-        route = torch.arange(n) % r
-    elif pattern == "all_but_one":
-        route = torch.zeros(n, dtype=torch.int64)
-        if n:
-            route[n // 2] = r - 1
-    elif pattern == "descending":
-        route = (r - 1 - torch.arange(n) * r // max(n, 1)).clamp(0, r - 1)
-    return route.to(dtype)
+# shared with the GPU kit (bench/gpu_check.py)
+SIZES = PARTITION_SIZES  # 4097 > one block of the single-launch kernel (4096)
+PATTERNS = ROUTE_PATTERNS
 
 
 def check_properties(route: torch.Tensor, num_routes: int, order: torch.Tensor, counts: torch.Tensor) -> None:
@@ -46,9 +38,8 @@ def check_properties(route: torch.Tensor, num_routes: int, order: torch.Tensor, 
 def blocks(request, monkeypatch):
     """tiny_blocks sends small N through the multi-block (histogram, scan, scatter) kernels."""
     if request.param == "tiny_blocks":
-        monkeypatch.setattr(partition_mod, "_SINGLE_BLOCK", 16)
-        monkeypatch.setattr(partition_mod, "_BLOCK", 16)
-        monkeypatch.setattr(partition_mod, "_SCAN_BLOCK", 4)  # 100 rows -> 7 blocks -> 2 scan chunks
+        for name, value in TINY_PARTITION_BLOCKS.items():  # 100 rows -> 7 blocks -> 2 scan chunks
+            monkeypatch.setattr(partition_mod, name, value)
     return request.param
 
 
@@ -70,7 +61,7 @@ def test_partition_triton_matches_reference(triton_backend, blocks, n, num_route
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16, torch.bool])
+@pytest.mark.parametrize("dtype", ROUTE_DTYPES)
 def test_partition_triton_route_dtypes(triton_backend, blocks, dtype):
     route = make_route(100, 2, "random", dtype)
     order, counts = partition(route, 2)
