@@ -34,6 +34,7 @@ from .policies import (
     RoutingPolicy,
 )
 from .routing import D2NN, Controller, D2NNTrainer, cascade_d2nn, chain_d2nn, hierarchy_d2nn, high_low_d2nn
+from .serving import Server
 from .stream import stream
 from .training import MultiExitLoss, train, train_classifier
 
@@ -64,6 +65,7 @@ __all__ = [
     "Policy",
     "RoutingPolicy",
     "SelectorPolicy",
+    "Server",
     "anytime_curve",
     "anytime_predict",
     "calibrate",

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead
+from adaexit.executor import SOURCE
 from adaexit.cost import device_name, interleaved_times, machine_info, sync  # noqa: F401 (re-exported)
 from adaexit.kernels import exit_gate_torch
 
@@ -189,6 +190,49 @@ def policy_for_fractions(
         thresholds.append(t)
         alive &= ~(score >= t)
     return ConfidencePolicy(criterion, thresholds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The work that had to run
+
+
+def node_inputs(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """What each node of ``model``'s graph reads when every row of ``x`` runs it: ``x`` for the first
+    node and for nodes that read the input (a cascade's networks), the preceding node's output for the
+    others (graphs of the calibration protocol: early exit, cascades and their combinations)."""
+    inputs, h = [], x
+    with torch.inference_mode():
+        for k, node in enumerate(model.graph()):
+            inputs.append(x if k == 0 or node.takes == SOURCE else h)
+            h = node.module(inputs[-1])
+    return inputs
+
+
+def node_work(model, x: torch.Tensor, rows: Sequence[int]) -> list[Callable[[], object] | None]:
+    """Per node ``k``, a call that does node ``k``'s work on ``rows[k]`` rows: its module and its router
+    (exit head, gate and decision, as the executor calls it) on that many rows of its input, laid out
+    densely beforehand (no partition, gather, scatter or scheduling); ``None`` where ``rows[k]`` is 0.
+
+    Timed at the sub-batch sizes a sparse run gave (``info.rows_run``), their sum is the work that run
+    had to do; timed at the full batch size and weighted by the fraction of rows that reach each node,
+    the measured-work ideal (the time of the work that must run, every node at full batch). Run the
+    calls under ``torch.inference_mode()``, as the executor runs."""
+    nodes, inputs = model.graph(), node_inputs(model, x)
+    calls: list[Callable[[], object] | None] = []
+    for k, (node, count) in enumerate(zip(nodes, rows)):
+        if not count:
+            calls.append(None)
+            continue
+        if count > x.shape[0]:
+            raise ValueError(f"node_work: node {k} needs {count} rows, x has {x.shape[0]}")
+        inp = inputs[k][:count].clone()
+        state = model.init_state(count, x.device)
+
+        def call(k=k, node=node, inp=inp, state=state):
+            return model.route(k, node, node.module(inp), dict(state))
+
+        calls.append(call)
+    return calls
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ weights are random. Targets: adaexit >= 0.9 x ideal; the never-exit policy <= 3%
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import pytest
@@ -42,6 +41,7 @@ from . import (
     interleaved_times,
     machine,
     median,
+    node_work,
     policy_for_fractions,
 )
 from .baselines import adaexit, batch1_loop, masked_dense, plain
@@ -93,27 +93,14 @@ def build(batch: int = BATCH, model: str = "isotropic", seed: int = 0) -> dict:
 
 def _work_only(model, x: torch.Tensor, rows_run) -> callable:
     """A call that does only the work the sparse run had to do: stage ``k`` and its exit gate on
-    ``rows_run[k]`` rows, already laid out densely (no partition, gather, scatter or executor Python).
-    adaexit's time minus this one's is what the executor itself costs."""
-    policy = model.policy
-    inputs, outputs, h = [], [], x
-    with torch.inference_mode():
-        for stage in model.stages:
-            inputs.append(h)
-            h = stage(h)
-            outputs.append(h)
-    pieces = []
-    for k, (stage, head, rows) in enumerate(zip(model.stages, model.heads, rows_run)):
-        if rows:
-            last = k == model.num_exits - 1
-            threshold = -math.inf if last else policy.thresholds[k]
-            pieces.append((stage, head, inputs[k][:rows].clone(), outputs[k][:rows].clone(), threshold))
+    ``rows_run[k]`` rows, already laid out densely (no partition, gather, scatter or executor Python;
+    :func:`bench.node_work`). adaexit's time minus this one's is what the executor itself costs."""
+    pieces = [call for call in node_work(model, x, rows_run) if call is not None]
 
     def run():
         with torch.inference_mode():
-            for stage, head, i, o, threshold in pieces:
-                stage(i)
-                head.gate(o, policy.criterion, threshold)
+            for call in pieces:
+                call()
 
     return run
 

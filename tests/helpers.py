@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaexit import EarlyExitNet, ExitHead
+from adaexit import Cascade, ConfidencePolicy, EarlyExitNet, ExitHead, NetworkSelectionPolicy
 from adaexit.kernels import exit_gate_torch
 
 
@@ -53,6 +53,35 @@ def cnn_net(classes: int, policy=None, seed: int = 0, head_scale: float | None =
     heads = [ExitHead(4, classes), ExitHead.conv(8, classes, width=8), ExitHead(8, classes)]
     _scale_heads(heads, head_scale)
     return EarlyExitNet(stages, heads, policy).eval()
+
+
+def small_early_exit(dim: int, classes: int, policy=None):
+    """A 3-exit MLP :class:`EarlyExitNet` (widths 16) with confident enough heads that every exit is used
+    under its default ``maxprob`` thresholds 0.4 / 0.45 on ``randn_inputs(..., scale=3)``."""
+    return mlp_net([dim, 16, 16, 16], classes, policy or ConfidencePolicy("maxprob", [0.4, 0.45]), head_scale=3.0)
+
+
+def small_combination(dim: int, classes: int, policy=None):
+    """A cascade MLP -> 3-exit early-exit MLP -> bigger MLP, in eval mode: whole networks (source nodes)
+    and carried stages in one graph (5 exits)."""
+    torch.manual_seed(1)
+    small = nn.Sequential(nn.Linear(dim, 8), nn.ReLU(), nn.Linear(8, classes))
+    large = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, classes))
+    policy = policy or ConfidencePolicy("maxprob", [0.35, 0.4, 0.4, 0.45])
+    return Cascade([small, small_early_exit(dim, classes), large], policy, example_input=torch.zeros(1, dim)).eval()
+
+
+def skipping_cascade(dim: int, classes: int):
+    """A cascade of three MLPs whose routing policy sends rows to any later network (route 2 skips one)."""
+    torch.manual_seed(2)
+    nets = [nn.Linear(dim, classes), nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.Linear(16, classes)),
+            nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, classes))]
+    cascade = Cascade(nets, example_input=torch.zeros(1, dim)).eval()
+    policy = NetworkSelectionPolicy().bind_graph(cascade.successors)
+    with torch.no_grad():  # random classifiers: every route is taken by some rows
+        for c in policy.classifiers:
+            c[-1].weight.normal_(0, 3.0)
+    return cascade.set_policy(policy)
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> nn.Module:

@@ -25,7 +25,6 @@ Left padding is refused: the models' heads read position 0, which is then a pad 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdaptiveModel, ExitInfo, trace_flops
+from ..base import AdaptiveModel, ExitInfo
 from ..cost import count_flops
 from ..executor import CARRY, SOURCE, Node, RowBatch
 from ..heads import logits_gate
