@@ -1,4 +1,5 @@
-"""Command line: ``python -m adaexit info`` (environment report) and ``python -m adaexit demo``."""
+"""Command line: ``python -m adaexit info`` (environment report), ``demo`` (the main job: Fashion-MNIST) and
+``encoders`` (Hugging Face encoders with early exits)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy
 import torch
 
 from . import __version__
-from .apps.fashion_mnist.demo import add_arguments, run
+from .apps.encoders import job as encoders_job
+from .apps.fashion_mnist import demo as demo_job
 from .cost import device_name
 from .kernels import _dispatch
 
@@ -50,15 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaexit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions and the kernel backend per device")
-    demo_parser = commands.add_parser(
-        "demo", help="train, calibrate and measure adaptive models on Fashion-MNIST"
-    )
-    add_arguments(demo_parser)
+    jobs = {
+        "demo": (demo_job, "train, calibrate and measure adaptive models on Fashion-MNIST"),
+        "encoders": (encoders_job, "Hugging Face encoders with early exits: MiniLM on Debian descriptions, a ViT"),
+    }
+    for name, (job, help_text) in jobs.items():
+        job.add_arguments(commands.add_parser(name, help=help_text, description=job.__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
-    return run(args)
+    return jobs[args.command][0].run(args)
 
 
 if __name__ == "__main__":

@@ -406,7 +406,6 @@ class TransformerExits(AdaptiveModel):
         self.exit_names = [f"{_layers(model, family)[0]}.{p}" for p in positions]
         self.segments = nn.ModuleList(segments)
         self.heads = nn.ModuleList([*heads, own_head(model, family)])
-        self.trim = trim
         self._reference_flops: dict = {}
         self.set_policy(policy or NeverExitPolicy())
 
@@ -422,6 +421,16 @@ class TransformerExits(AdaptiveModel):
     @property
     def num_exits(self) -> int:
         return len(self.segments)
+
+    @property
+    def trim(self) -> bool:
+        """Whether survivors' padding is cut after each decision (settable)."""
+        return self.segments[0].trim
+
+    @trim.setter
+    def trim(self, value: bool) -> None:
+        for segment in self.segments:
+            segment.trim = bool(value)
 
     def output_dtype(self) -> torch.dtype:
         return self.heads[-1].classifier.weight.dtype if self.family.name != "roberta" else (
