@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ... import ConfidencePolicy, MultiExitLoss, calibrate, train, wrap
+from ... import MultiExitLoss, calibrate, train, wrap
 from ...cost import interleaved_times, machine_info
 from ...data import load_fashion_mnist, make_loader, train_val_split
 from .debian import load_debian_descriptions
