@@ -37,6 +37,10 @@ def test_smoke_run_writes_results_and_plots(tmp_path, capsys):
         assert len(r["exit_counts"]) == len(r["exit_names"])
         assert r["time_s"] > 0 and r["flops_per_example"] > 0
         assert r["accuracy_drop_pp"] == pytest.approx(r["new_errors_pp"] - r["fixed_pp"])
+        streamed = results["results"][f"{name} (stream)"]  # the streaming mode, same policy, timed beside
+        assert (r["mode"], streamed["mode"]) == ("per-batch", "stream") and streamed["time_s"] > 0
+        assert streamed["same_predictions_as_per_batch"] > 0.99
+    assert best["mode"] in ("per-batch", "stream")
     ref = results["results"][results["reference"]]
     assert ref["speedup"] == pytest.approx(1.0) and ref["accuracy_drop_pp"] == pytest.approx(0.0)
     try:
@@ -84,7 +88,7 @@ def test_checkpoints_are_cached_and_reloaded(tmp_path):
 def test_time_passes_reports_the_median_of_interleaved_repeats():
     calls = []
     fns = {"a": lambda xb: calls.append(("a", xb)), "b": lambda xb: calls.append(("b", xb))}
-    out = demo.time_passes(fns, [1, 2], repeats=3, warmup=1)
+    out = demo.time_passes({name: demo.per_batch(fn, [1, 2]) for name, fn in fns.items()}, repeats=3, warmup=1)
     assert len(calls) == 2 * 2 * 4  # 2 functions x 2 batches x (1 warmup + 3 repeats)
     assert calls[0][0] == "a" and calls[4][0] == "b"  # the order rotates between rounds
     for name in fns:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ...base import AdaptiveModel
+from ...stream import stream
 from ...calibration import DROP_MEASURES, calibrate
 from ...cascade import Cascade
 from ...cost import count_flops, interleaved_times, machine_info
@@ -58,7 +59,7 @@ from ...reports import plot_exits, plot_system_frontiers
 from ...training import MultiExitLoss, evaluate, train, train_classifier
 from .models import ZOO, plain_network
 
-TARGET_SPEEDUP = 3.0
+TARGET_SPEEDUP = 6.0  # the brief's target for the main job (measured wall-clock, batch 256)
 TARGET_DROP_PP = 0.5
 
 
@@ -238,20 +239,30 @@ def predict(model: nn.Module, batches) -> tuple[torch.Tensor, dict]:
     return torch.cat(preds), extra
 
 
-def time_passes(fns: dict, batches, repeats: int, warmup: int = 1) -> dict[str, dict]:
-    """Wall-clock seconds of one pass over ``batches`` per function: median (and all) of ``repeats``.
+def per_batch(fn, batches):
+    """One pass over ``batches``, one call of ``fn`` per batch (the per-batch executor, or a plain net)."""
+    def run():
+        for xb in batches:
+            fn(xb)
+    return run
+
+
+def streamed(system, batches, batch_size: int):
+    """One pass over ``batches`` through :func:`adaexit.stream` (rows regrouped across batches)."""
+    def run():
+        for _ in stream(system, batches, batch_size=batch_size):
+            pass
+    return run
+
+
+def time_passes(passes: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Wall-clock seconds of each one-pass function: median (and all) of ``repeats``.
 
     Passes are interleaved, in an order rotating every round (:func:`adaexit.cost.interleaved_times`), so
     a burst of load from other processes does not land on one system only.
     """
-    def one_pass(fn):
-        def run():
-            for xb in batches:
-                fn(xb)
-        return run
-
     with torch.inference_mode():
-        times = interleaved_times({name: one_pass(fn) for name, fn in fns.items()}, repeats, warmup, rotate=True)
+        times = interleaved_times(passes, repeats, warmup, rotate=True)
     out = {}
     for name, ms in times.items():
         ts = [t / 1e3 for t in ms]
@@ -400,10 +411,24 @@ def run(args: argparse.Namespace) -> int:
             "exit_names": _exit_names(system, member_names),
             "policy": {"drop_measure": args.drop_measure, **selections[name].to_dict()},
         }
+    # the streaming mode: the same policies, rows regrouped across the test batches (adaexit.stream)
+    for name, system in systems.items():
+        with torch.inference_mode():
+            preds = torch.cat([logits.argmax(1) for logits in stream(system, test_batches, batch_size=bs)])
+        right = preds == y_test
+        results[f"{name} (stream)"] = {
+            **results[name],
+            "mode": "stream",
+            "accuracy": float(right.double().mean()),
+            "new_errors_pp": 100.0 * float((test_right[strongest] & ~right).double().mean()),
+            "same_predictions_as_per_batch": float((preds == predict(system, test_batches)[0]).double().mean()),
+        }
+        results[name]["mode"] = "per-batch"
     _log(f"[demo] timing {args.repeats} passes over {x_test.shape[0]} test images at batch {bs} "
          f"({torch.get_num_threads()} threads)")
-    fns = {**singles, **systems}
-    timings = time_passes(fns, test_batches, args.repeats)
+    passes = {name: per_batch(net, test_batches) for name, net in {**singles, **systems}.items()}
+    passes.update({f"{name} (stream)": streamed(system, test_batches, bs) for name, system in systems.items()})
+    timings = time_passes(passes, args.repeats)
     ref = results[strongest]
     t_ref = timings[strongest]["median_s"]
     for name, r in results.items():
@@ -415,13 +440,19 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"name": n, **r} for n, r in results.items()]
     table = format_table(rows, strongest)
 
-    # "best": chosen on validation (largest expected speedup within budget), reported on test
-    best_name = max(selections, key=lambda n: selections[n].speedup)
+    # "best": chosen on validation (largest expected speedup within budget; its mode, the faster one on
+    # validation), reported on test
+    best_system = max(selections, key=lambda n: selections[n].speedup)
+    val_times = time_passes({"per-batch": per_batch(systems[best_system], val_batches),
+                             "stream": streamed(systems[best_system], val_batches, bs)}, repeats=3)
+    mode = min(val_times, key=lambda m: val_times[m]["median_s"])
+    best_name = best_system if mode == "per-batch" else f"{best_system} (stream)"
     best = results[best_name]
     total_seconds = time.perf_counter() - t_start
     summary = {
-        "system": best_name,
-        "selected_by": f"largest expected speedup ({args.cost}) on the validation split",
+        "system": best_system,
+        "mode": mode,
+        "selected_by": f"largest expected speedup ({args.cost}) on the validation split; mode: the faster on it",
         "accuracy": best["accuracy"],
         "accuracy_drop_pp": best["accuracy_drop_pp"],
         "speedup": best["speedup"],
@@ -449,11 +480,12 @@ def run(args: argparse.Namespace) -> int:
         # calibration speedups are over each system's last exit; in FLOPs they convert exactly
         scales = {n: (ref["flops_per_example"] / c.full_cost if args.cost == "flops" else 1.0)
                   for n, c in calibrations.items()}
-        plot_system_frontiers(out / "frontier.png", calibrations, {n: results[n] for n in systems},
+        measured = {n: results[f"{n} (stream)" if mode == "stream" else n] for n in systems}
+        plot_system_frontiers(out / "frontier.png", calibrations, measured,
                               val_acc[strongest], ref["accuracy"], args.budget, args.cost, scales,
                               selections, target=TARGET_SPEEDUP,
                               title="Fashion-MNIST: accuracy vs speedup (circles: calibrated policies)")
-        plot_exits(out / "exits.png", {n: results[n] for n in systems})
+        plot_exits(out / "exits.png", measured)
         plots = {"frontier": "frontier.png", "exits": "exits.png"}
         payload = {
             "best": summary,
