@@ -204,10 +204,15 @@ class Scheduler:
         slots = rows % self.capacity
         scatter_rows(self.logits, slots, logits.to(self.logits.dtype))
         self.exit_index.index_fill_(0, slots, i)
-        # how many rows of each open batch finished here: one host read
-        starts = torch.tensor([b.start for b in self.open], device=rows.device)
+        # how many rows of each unfinished batch finished here: free when only one batch has rows in
+        # flight, else one host read
+        pending = [b for b in self.open if b.remaining]
+        if len(pending) == 1:
+            pending[0].remaining -= rows.shape[0]
+            return
+        starts = torch.tensor([b.start for b in pending], device=rows.device)
         which = torch.searchsorted(starts, rows, right=True) - 1
-        for batch, done in zip(self.open, to_host(torch.bincount(which, minlength=len(self.open)))):
+        for batch, done in zip(pending, to_host(torch.bincount(which, minlength=len(pending)))):
             batch.remaining -= done
 
     def pop_done(self) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
@@ -220,7 +225,11 @@ class Scheduler:
                 device = self.logits.device if self.logits is not None else torch.device("cpu")
                 logits = torch.empty((0, classes), device=device)
                 exits = torch.empty(0, dtype=torch.long, device=device)
-            else:
+            elif batch.start % self.capacity + batch.n <= self.capacity:  # contiguous in the ring: a copy
+                first = batch.start % self.capacity
+                logits = self.logits[first : first + batch.n].clone()
+                exits = self.exit_index[first : first + batch.n].clone()
+            else:  # wraps around the ring's end
                 slots = torch.arange(batch.start, batch.start + batch.n, device=self.logits.device) % self.capacity
                 logits, exits = gather_rows(self.logits, slots), gather_rows(self.exit_index, slots)
             yield batch.tag, (logits if dtype is None else logits.to(dtype)), exits
