@@ -14,6 +14,8 @@ its graph; policies only decide routes.
   :class:`SelectorPolicy`, :func:`train_reinforce`, :func:`cascade_oracle`
 * anytime prediction: :class:`AnytimeRunner`, :func:`anytime_predict`, :func:`anytime_curve`, :class:`EANN`
 * dynamic routing (D2NN): :class:`D2NN`, :class:`Controller`, :class:`D2NNTrainer` and the topology builders
+* many batches and many callers: :func:`stream` (rows regrouped across batches), :class:`Server`
+* Hugging Face encoders: :func:`wrap` on BERT / RoBERTa / DistilBERT / ViT classifiers
 """
 
 from .wrappers import wrap
@@ -76,9 +78,9 @@ __all__ = [
     "hierarchy_d2nn",
     "high_low_d2nn",
     "oracle",
+    "stream",
     "train",
     "train_classifier",
-    "stream",
     "train_reinforce",
     "wrap",
 ]
