@@ -12,8 +12,9 @@ Pareto frontiers, sparse evaluation of a policy, and text tables.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 import torch
@@ -201,8 +202,8 @@ class OperatingPoint:
     """One operating point: a policy (or a single network, or the oracle) with its accuracy and cost.
 
     Attributes:
-        kind: how it was obtained: ``"uniform"``, ``"per_exit"``, ``"learned"``, ``"never"``
-            (calibration candidates), ``"single network"``, ``"oracle"``, or a method name.
+        kind: how it was obtained: ``"uniform"``, ``"per_exit"``, ``"learned"``, ``"selection"``,
+            ``"never"`` (calibration candidates), ``"single network"``, ``"oracle"``, or a method name.
         criterion: the confidence criterion of threshold policies, or a free-form setting label.
         thresholds: per early exit (``inf`` = disabled) for threshold policies, else ``None``.
         gates: per early exit, 4 floats or ``None`` (disabled), for learned policies, else ``None``.
@@ -212,6 +213,8 @@ class OperatingPoint:
         exit_counts: rows per exit.
         new_errors_pp: percentage of examples the last exit classifies correctly and this point does
             not (>= accuracy_drop_pp: the net drop minus the examples an early exit fixes).
+        policy_object: the policy itself, for kinds that thresholds and gates do not describe (network
+            selection's classifiers); :meth:`policy` returns a copy. Not part of :meth:`to_dict`.
     """
 
     kind: str
@@ -225,6 +228,7 @@ class OperatingPoint:
     speedup: float
     exit_counts: list[int] = field(default_factory=list)
     new_errors_pp: float = 0.0
+    policy_object: Policy | None = field(default=None, repr=False, compare=False)
 
     @property
     def method(self) -> str:
@@ -236,6 +240,8 @@ class OperatingPoint:
 
     def policy(self) -> Policy:
         """A fresh policy object implementing this point (threshold, learned and never-exit points)."""
+        if self.policy_object is not None:
+            return copy.deepcopy(self.policy_object)
         if self.kind == "never":
             return NeverExitPolicy()
         if self.gates is not None:
@@ -245,7 +251,7 @@ class OperatingPoint:
         raise ValueError(f"the {self.kind!r} point {self.setting!r} does not describe a policy")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "policy_object"}
         if self.thresholds is not None:  # JSON has no infinity: a disabled exit is null
             d["thresholds"] = [_json_float(t) for t in self.thresholds]
         if self.gates is not None:

@@ -40,23 +40,40 @@ def save(fig, path, dpi: int = 120):
 
 def plot_calibration(result, path, oracle: bool = True):
     """Accuracy vs speedup of a :class:`~adaexit.calibration.CalibrationResult`: the Pareto frontier of
-    each candidate kind, the chosen point, the last exit (plain model), the budget and the oracle."""
-    fig = figure((6.4, 4.4))
+    each candidate kind, each family's best policy within the budget (a large marker of its colour,
+    labelled with its speedup), the chosen point, the last exit (plain model), the budget and the
+    oracle."""
+    fig = figure((8.6, 4.6))
     ax = fig.add_subplot()
-    for kind in dict.fromkeys(p.kind for p in result.points if p.kind != "never"):
+    best_by_kind = getattr(result, "best_by_kind", None) or {}
+    kinds = list(dict.fromkeys(p.kind for p in result.points if p.kind != "never"))
+    for i, kind in enumerate(kinds):
+        color = COLORS[i % len(COLORS)]
         front = pareto_frontier([p for p in result.points if p.kind == kind])
-        ax.plot([p.speedup for p in front], [100 * p.accuracy for p in front], "o-", ms=3, label=kind)
+        ax.plot([p.speedup for p in front], [100 * p.accuracy for p in front], "o-", ms=3, color=color,
+                alpha=0.8, label=kind)
+        best = best_by_kind.get(kind)
+        if best is not None:
+            ax.plot([best.speedup], [100 * best.accuracy], "D", ms=8, color=color, mec="k",
+                    label=f"best {kind} in budget: {best.speedup:.2f}x")
     ax.plot([1.0], [100 * result.baseline_accuracy], "ks", label="last exit (plain model)")
     if oracle and result.oracle is not None:
-        ax.plot([result.oracle.speedup], [100 * result.oracle.accuracy], "r*", ms=12, label="oracle")
+        ax.plot([result.oracle.speedup], [100 * result.oracle.accuracy], "r*", ms=12,
+                label=f"oracle: {result.oracle.speedup:.2f}x")
     best = result.best
-    ax.plot([best.speedup], [100 * best.accuracy], "o", mfc="none", mec="k", ms=12, label="chosen")
+    ax.plot([best.speedup], [100 * best.accuracy], "o", mfc="none", mec="k", ms=14, label="chosen")
+    new_errors = getattr(result, "drop", "net") == "new_errors"
     ax.axhline(100 * result.baseline_accuracy - result.max_accuracy_drop, color="grey", ls=":", lw=1,
-               label=f"budget (-{result.max_accuracy_drop:g} pp)")
+               label=f"-{result.max_accuracy_drop:g} pp" + (" (the budget bounds new errors)" if new_errors
+                                                             else " (budget)"))
+    ax.set_xscale("log")
     ax.set_xlabel(f"speedup ({result.cost}, full / expected cost)")
     ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # the region that matters: around the budget (far cheaper, far worse points are off the chart)
+    low = 100 * result.baseline_accuracy - max(4 * result.max_accuracy_drop, 2.0)
+    ax.set_ylim(max(low, ax.get_ylim()[0]), ax.get_ylim()[1])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save(fig, path)
 
 

@@ -86,6 +86,21 @@ def exit_statistics(logits: torch.Tensor) -> torch.Tensor:
     )
 
 
+def softmax_statistics(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 ``[N, 3]`` (maxprob, margin, entropy score) of ``[N, C]`` logits on their own device,
+    computed as the exit-gate kernel's torch reference computes each criterion (clamped to [0, 1];
+    NaN rows for non-finite logits). What history gates (:class:`adaexit.LearnedPolicy`) read, in the
+    sparse run and in the simulation alike."""
+    logits = logits.float()
+    classes = logits.shape[1]
+    p = torch.softmax(logits, dim=1)
+    top1, idx = p.max(dim=1)
+    top2 = p.scatter(1, idx[:, None], -1.0).max(dim=1).values
+    entropy = -(p * torch.log_softmax(logits, dim=1)).sum(dim=1)
+    stats = torch.stack([top1, top1 - top2, 1.0 - entropy / math.log(classes)], dim=1).clamp(0.0, 1.0)
+    return stats.masked_fill(~torch.isfinite(logits).all(dim=1, keepdim=True), float("nan"))
+
+
 def prob_features(logits: torch.Tensor, top_k: int = 3) -> torch.Tensor:
     """Class-agnostic statistics of a node's softmax output, the input of the learned routing policies.
 
@@ -205,6 +220,87 @@ def simulate(scores, thresholds, correct, stage_costs, head_costs) -> Simulation
     active = [t <= 1.0 for t in thresholds] + [True]
     rows_decided = [r if a else 0 for r, a in zip(rows_run, active)]
     # summed in the order adaexit.base.trace_flops uses, so FLOPs agree to the last bit
+    total = float(
+        sum(r * f for r, f in zip(rows_run, stage_costs)) + sum(r * f for r, f in zip(rows_decided, head_costs))
+    )
+    right = correct[exit_index, torch.arange(n)] if n else torch.zeros(0, dtype=torch.bool)
+    return Simulation(
+        exit_index=exit_index,
+        exit_counts=counts,
+        rows_run=rows_run,
+        rows_decided=rows_decided,
+        accuracy=float(right.double().mean()) if n else float("nan"),
+        total_cost=total,
+        cost=total / n if n else float("nan"),
+    )
+
+
+def budget_losses(correct, drop: str = "net") -> torch.Tensor:
+    """Float64 ``[K, N]``: what exiting row ``n`` at exit ``k`` adds to the quantity a calibration
+    budget bounds (``drop`` as in :func:`adaexit.calibrate`).
+
+    ``"net"``: the 0/1 error of exit ``k`` (the net drop is the sum minus the last exit's errors).
+    ``"new_errors"``: 1 where the last exit is right and exit ``k`` is wrong (the last exit's own row
+    is 0), so a policy's new errors are exactly the sum of its rows' losses.
+    """
+    correct = torch.as_tensor(correct, dtype=torch.bool)
+    if drop == "net":
+        return (~correct).double()
+    if drop == "new_errors":
+        return (correct[-1:] & ~correct).double()
+    raise ValueError(f"drop must be 'net' or 'new_errors', got {drop!r}")
+
+
+def simulate_routes(routes, successors, correct, stage_costs, head_costs, decided=None) -> Simulation:
+    """Predict what the executor does with a routing policy, from the route every node would give
+    every row (computed densely, e.g. by a policy's classifier on the dense per-node logits).
+
+    Args:
+        routes: long ``[K, N]``: at node ``k``, route ``0`` = exit, ``j >= 1`` = go to
+            ``successors[k][j - 1]``; only the rows that really reach ``k`` use their entry; at a node
+            without successors every row exits.
+        successors: per node, the nodes a row may go to (``model.successors``).
+        correct: bool ``[K, N]``. stage_costs, head_costs: per node.
+        decided: per node, whether the policy evaluates the node's head and decision (``needs_head``);
+            default all. A terminal node always decides.
+
+    Each row runs the stage of every node it visits and the head of every visited node that decides;
+    ``cost`` sums them exactly as :class:`adaexit.ExitInfo` does.
+    """
+    correct = torch.as_tensor(correct, dtype=torch.bool)
+    k_exits, n = correct.shape
+    routes = torch.as_tensor(routes).long()
+    if tuple(routes.shape) != (k_exits, n):
+        raise ValueError(f"routes must be [K, N] = {(k_exits, n)} like correct, got {tuple(routes.shape)}")
+    successors = [tuple(int(j) for j in s) for s in successors]
+    if len(successors) != k_exits:
+        raise ValueError(f"successors has {len(successors)} entries for {k_exits} nodes")
+    stage_costs, head_costs = check_costs(stage_costs, head_costs, k_exits)
+    decided = [True] * k_exits if decided is None else [bool(d) for d in decided]
+    at = torch.zeros(n, dtype=torch.long)  # the node each row is at (or exited from)
+    exit_index = torch.full((n,), -1, dtype=torch.long)
+    rows_run, rows_decided = [0] * k_exits, [0] * k_exits
+    for k in range(k_exits):
+        here = (at == k) & (exit_index < 0)
+        count = int(here.sum())
+        rows_run[k] = count
+        succ = successors[k]
+        if not succ:
+            rows_decided[k] = count
+            exit_index[here] = k
+            continue
+        if not decided[k]:  # no decision: every row continues to the first successor
+            at[here] = succ[0]
+            continue
+        rows_decided[k] = count
+        r = routes[k]
+        if bool(((r[here] < 0) | (r[here] > len(succ))).any()):
+            raise ValueError(f"routes[{k}] holds routes outside [0, {1 + len(succ)})")
+        exit_index[here & (r == 0)] = k
+        table = torch.tensor((k,) + succ, dtype=torch.long)
+        move = here & (r > 0)
+        at[move] = table[r[move]]
+    counts = torch.bincount(exit_index, minlength=k_exits).tolist()
     total = float(
         sum(r * f for r, f in zip(rows_run, stage_costs)) + sum(r * f for r, f in zip(rows_decided, head_costs))
     )

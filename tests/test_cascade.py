@@ -1,6 +1,7 @@
 """Cascade / network selection: nothing lost, per-example equivalence, skipping, costs, oracle, errors."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -21,9 +22,13 @@ from adaexit.cascade import (
     evaluate_policy,
     frontier_table,
     plot_frontier,
+    prob_features,
 )
+from adaexit.calibration import calibrate, full_cost
+from adaexit.calibration.thresholds import ChainSearch, route_options
 from adaexit.cost import chain_flops, count_flops
 from adaexit.kernels import _dispatch
+from adaexit.simulation import budget_losses, simulate_routes
 from helpers import RowCounter, dense_scores, easy_hard, first_exit, fit, mlp_net, randn_inputs
 
 CLASSES = 5
@@ -531,9 +536,12 @@ def test_calibrate_works_on_a_cascade(task):
     acc_t, _, _ = evaluate_policy(c, (xt, yt))
     assert acc_t >= float((c.models[2](xt).argmax(1) == yt).float().mean()) - 0.03
     # thresholds on the chain must run the useless middle network for every hard row; network
-    # selection skips it, so it is cheaper at the same accuracy
+    # selection skips it, so it is cheaper at the same accuracy -- and calibrate now tries it
+    thresholds = min((result.best_by_kind[k] for k in ("uniform", "per_exit")), key=lambda p: p.cost)
     acc_sel, cost_sel, _ = evaluate_policy(c, (x, y), NetworkSelectionPolicy().fit(c, (x, y), lam=0.05))
-    assert cost_sel < 0.8 * result.best.cost and acc_sel >= acc - 0.005
+    assert cost_sel < 0.8 * thresholds.cost and acc_sel >= acc - 0.005
+    assert result.best.kind == "selection" and result.best.cost < 0.8 * thresholds.cost
+    assert isinstance(c.policy, NetworkSelectionPolicy) and info.rows_run[1] < 0.05 * len(x)
 
 
 def test_a_fresh_cascade_loads_a_calibrated_threshold_policy():
@@ -549,3 +557,175 @@ def test_a_fresh_cascade_loads_a_calibrated_threshold_policy():
         b, ib = fresh(x, return_info=True)
     assert torch.equal(a, b) and torch.equal(ia.exit_index, ib.exit_index)
     assert 0 < ia.exit_counts[0] < 64
+
+
+# ---------------------------------------------------------------------------------------------
+# exact simulation of routing policies (what calibrate's network selection runs on)
+# ---------------------------------------------------------------------------------------------
+def assert_simulation_is_the_run(c, routes, x, y, decided=None):
+    """simulate_routes on dense logits predicts the sparse run row by row: exits, rows, FLOPs."""
+    with torch.no_grad():
+        dense = torch.stack(c.exit_logits(x))
+        logits, info = c(x, return_info=True)
+    stage_costs, head_costs = c.exit_costs(x)
+    sim = simulate_routes(routes, c.successors, dense.argmax(2) == y, stage_costs, head_costs, decided)
+    assert torch.equal(sim.exit_index, info.exit_index)
+    assert sim.exit_counts == info.exit_counts
+    assert sim.rows_run == info.rows_run and sim.rows_decided == info.rows_decided
+    assert sim.total_cost == info.flops  # summed in the same order: exactly equal
+    assert sim.accuracy == float((logits.argmax(1) == y).double().mean())
+    return sim
+
+
+@HYPO
+@given(kind=st.sampled_from(KINDS), n=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_simulate_routes_follows_any_route_table(kind, n, seed):
+    c = build(kind)
+    g = torch.Generator().manual_seed(seed)
+    routes = torch.stack([torch.randint(0, 1 + len(s), (n,), generator=g) for s in c.successors[:-1]]
+                         + [torch.zeros(n, dtype=torch.long)])
+    c.set_policy(TablePolicy(list(routes[:-1])))
+    x = inputs(n, seed=seed)
+    assert_simulation_is_the_run(c, routes, x, torch.randint(0, CLASSES, (n,), generator=g))
+
+
+def test_simulate_routes_rules_and_errors():
+    successors = [(1, 2), (2,), ()]
+    correct = torch.tensor([[True, False, False], [False, True, False], [True, True, True]])
+    routes = torch.tensor([[0, 1, 2], [0, 0, 0], [0, 0, 0]])
+    sim = simulate_routes(routes, successors, correct, [1.0, 2.0, 4.0], [0.5, 0.0, 0.0])
+    assert sim.exit_index.tolist() == [0, 1, 2] and sim.rows_run == [3, 1, 1] and sim.rows_decided == [3, 1, 1]
+    assert sim.total_cost == 3 * 1.0 + 2.0 + 4.0 + 3 * 0.5 and sim.accuracy == 1.0
+    undecided = simulate_routes(routes, successors, correct, [1.0, 2.0, 4.0], [0.5, 0.0, 0.0], [False, True, True])
+    assert undecided.exit_index.tolist() == [1, 1, 1] and undecided.rows_decided == [0, 3, 0]  # all go on
+    with pytest.raises(ValueError, match="outside"):
+        simulate_routes(torch.tensor([[3, 0, 0], [0, 0, 0], [0, 0, 0]]), successors, correct, [1.0] * 3, [0.0] * 3)
+    with pytest.raises(ValueError, match="routes must be"):
+        simulate_routes(routes[:2], successors, correct, [1.0] * 3, [0.0] * 3)
+
+
+@pytest.mark.parametrize("kind", ["networks", "with_een"])
+def test_a_fitted_network_selection_simulates_exactly(kind):
+    """NetworkSelectionPolicy.routes on the dense logits + simulate_routes == the sparse run, row by row
+    (skips into an early-exit net and past it included)."""
+    c = build(kind)
+    x = inputs(600, seed=7)
+    with torch.no_grad():
+        y = torch.stack(c.exit_logits(x))[-1].argmax(1)  # the last node is right by construction
+    y = torch.where(torch.rand(600, generator=torch.Generator().manual_seed(1)) < 0.1, (y + 1) % CLASSES, y)
+    outputs = collect_outputs(c, (x, y))
+    seen = set()
+    for lam in (0.01, 0.3, 3.0, 30.0):
+        policy = NetworkSelectionPolicy().fit(c, outputs, lam, loss=budget_losses(outputs.correct, "new_errors"))
+        c.set_policy(policy)
+        sim = assert_simulation_is_the_run(c, policy.routes(outputs.logits), x, y)
+        seen.add(tuple(sim.exit_counts))
+    assert len(seen) > 1  # the sweep really routes differently
+
+
+def test_calibrate_tries_network_selection_only_where_rows_can_skip(task):
+    x, y, _ = task["train"]
+    three = Cascade(task["models"]).eval()
+    result = calibrate(three, (x, y), max_accuracy_drop=0.5, progress=False, drop="new_errors")
+    assert "selection" in result.best_by_kind
+    chosen = result.best_by_kind["selection"]
+    assert chosen.kind == "selection" and chosen.cost_weight is not None
+    three.set_policy(chosen.policy())
+    with torch.no_grad():
+        logits, info = three(x, return_info=True)
+    assert info.exit_counts == chosen.exit_counts and info.flops / len(x) == pytest.approx(chosen.cost)
+    assert 100 * float((logits.argmax(1) == y).double().mean()) == pytest.approx(100 * chosen.accuracy)
+    json.dumps(result.to_dict(), allow_nan=False)  # the selection points serialise (without their policy)
+    two = Cascade(task["models"][::2]).eval()  # a chain: no row can skip anything
+    result = calibrate(two, (x, y), max_accuracy_drop=0.5, progress=False)
+    assert not any(p.kind == "selection" for p in result.points)
+
+
+def test_offsets_move_exactly_the_exit_and_skip_decisions():
+    """Zero offsets are the classifiers' argmax (a fitted policy, or one saved before offsets existed);
+    an exit offset t moves exactly the rows whose exit margin crosses t, a skip offset u exactly the
+    non-exiting rows whose skip margin crosses u (calibrate's exact refinement of selection)."""
+    c = build("networks")
+    x = inputs(400, seed=3)
+    outputs = collect_outputs(c, (x, torch.randint(0, CLASSES, (400,), generator=torch.Generator().manual_seed(0))))
+    policy = NetworkSelectionPolicy().fit(c, outputs, 0.1)
+    routes = policy.routes(outputs.logits)
+    with torch.no_grad():
+        for k in range(2):
+            scores = policy.classifiers[k](prob_features(outputs.logits[k], policy.top_k))
+            assert torch.equal(routes[k], scores.argmax(1))
+    m = policy.margins(outputs.logits)
+    table = [torch.tensor((k,) + s) for k, s in enumerate(c.successors[:-1])]
+    assert torch.isfinite(m["skip"][0]).all() and torch.isnan(m["skip"][1]).all()  # node 1 cannot skip
+    g = torch.Generator().manual_seed(1)
+    for trial in range(4):
+        t = (torch.rand(2, generator=g) * 4 - 2).tolist()
+        u = [float(torch.randn(1, generator=g)), 0.0]
+        if trial == 3:
+            t[1], u[0] = math.inf, math.inf
+        moved = policy.with_offsets(t, u)
+        got = moved.routes(outputs.logits)
+        for k in range(2):
+            fire = m["exit"][k] >= t[k]
+            assert torch.equal(got[k] == 0, fire)
+            skip = m["skip"][k] > u[k]
+            expected = torch.where(skip, m["skip_to"][k], m["next"][k])
+            assert torch.equal(table[k][got[k]][~fire], expected[~fire])
+        # saved and loaded with the model; the original is untouched
+        clone = Cascade(c.models, NetworkSelectionPolicy()).eval()
+        c.set_policy(moved)
+        clone.load_state_dict(c.state_dict())
+        assert torch.equal(clone.policy.routes(outputs.logits), got)
+    assert torch.equal(policy.routes(outputs.logits), routes)
+    state = policy.get_extra_state()
+    del state["exit_offsets"], state["skip_offsets"]  # a state saved before offsets existed
+    old = NetworkSelectionPolicy()
+    old.bind_graph(c.successors)
+    old.load_state_dict({**policy.state_dict(), "_extra_state": state})
+    assert torch.equal(old.routes(outputs.logits), routes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chain_search_follows_skips_exactly(kind):
+    """ChainSearch with per-row continuation targets (cont_to) and route_options total exactly what
+    simulate_routes gives for the same decisions (the search calibrate runs on network selection)."""
+    c = build(kind)
+    n = 300
+    g = torch.Generator().manual_seed(5)
+    K = c.num_exits
+    correct = torch.rand(K, n, generator=g) < 0.7
+    losses = budget_losses(correct, "new_errors")
+    stage, head = (torch.rand(K, generator=g) + 0.1).tolist(), (torch.rand(K, generator=g) * 0.2).tolist()
+    full = full_cost(stage, head)
+    exit_scores_ = torch.cat([torch.randn(K - 1, n, generator=g), torch.zeros(1, n)])
+    skip_scores = torch.randn(K - 1, n, generator=g)
+    nxt = torch.stack([torch.full((n,), s[0]) for s in c.successors[:-1]])
+    far = torch.stack([torch.full((n,), s[-1]) for s in c.successors[:-1]])  # the last successor
+
+    def simulated(t, u):
+        routes = []
+        for k, s in enumerate(c.successors[:-1]):
+            go = torch.where(skip_scores[k] > u[k], torch.full((n,), len(s)), torch.ones(n, dtype=torch.long))
+            routes.append(torch.where(exit_scores_[k] >= t[k], torch.zeros(n, dtype=torch.long), go))
+        routes.append(torch.zeros(n, dtype=torch.long))
+        sim = simulate_routes(torch.stack(routes), c.successors, correct, stage, head)
+        return float(losses[sim.exit_index, torch.arange(n)].sum()), sim.total_cost / full
+
+    for trial in range(3):
+        t = (torch.randn(K - 1, generator=g)).tolist()
+        u = (torch.randn(K - 1, generator=g)).tolist()
+        cont = torch.stack([torch.where(skip_scores[k] > u[k], far[k], nxt[k]) for k in range(K - 1)])
+        search = ChainSearch(exit_scores_, losses, stage, head, bounded=False, always_head=[True] * K, cont_to=cont)
+        assert search.evaluate(t) == pytest.approx(simulated(t, u), rel=1e-9)
+        for k in range(K - 1):
+            ts, ls, cs = search.options(k, t)
+            for i in range(0, len(ts), max(1, len(ts) // 5)):
+                trial_t = list(t)
+                trial_t[k] = float(ts[i])
+                assert (ls[i], cs[i]) == pytest.approx(simulated(trial_t, u), rel=1e-9)
+            if len(c.successors[k]) > 1:
+                us, ls, cs = route_options(search, k, t, skip_scores[k], far[k], nxt[k])
+                for i in range(0, len(us), max(1, len(us) // 5)):
+                    trial_u = list(u)
+                    trial_u[k] = float(us[i])
+                    assert (ls[i], cs[i]) == pytest.approx(simulated(t, trial_u), rel=1e-9)

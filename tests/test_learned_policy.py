@@ -16,6 +16,7 @@ from adaexit.calibration import (
     simulate,
 )
 from adaexit.policies import LearnedPolicy
+from adaexit.policies.learned import learned_simulation
 from helpers import mlp_net
 
 CLASSES = 4
@@ -246,3 +247,85 @@ def test_policy_errors():
     model = mlp(LearnedPolicy())
     model.load_state_dict(saved)
     assert isinstance(model.policy, ConfidencePolicy) and model.policy.thresholds == [0.9, 0.9]
+
+
+# ---------------------------------------------------------------------------------------------
+# History gates: the previous exit's statistics and agreement, carried with the rows
+# ---------------------------------------------------------------------------------------------
+def agreement_problem(n=4000, seed=3):
+    """Exit 1 is right exactly where it agrees with exit 0 (60% of rows); elsewhere both are wrong, on
+    different classes. Every exit looks equally sure everywhere: no stats gate can tell exit 1's right
+    rows from its wrong ones, agreement can."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    right = torch.rand(n, generator=g) < 0.6
+    shift1 = torch.randint(1, CLASSES, (n,), generator=g)
+    shift0 = (shift1 + torch.randint(1, CLASSES - 1, (n,), generator=g) - 1) % (CLASSES - 1) + 1  # != shift1
+    predicted = [torch.where(right, labels, (labels + s) % CLASSES) for s in (shift0, shift1)] + [labels]
+    logits = []
+    for target in predicted:
+        z = 0.3 * torch.randn(n, CLASSES, generator=g)
+        z[torch.arange(n), target] += 2.0
+        logits.append(z)
+    return logits, labels, right
+
+
+def test_history_gates_use_agreement_and_beat_stats_gates():
+    logits, labels, right = agreement_problem()
+    stage_costs, head_costs, mu = [1.0, 1.0, 10.0], [0.0, 0.0, 0.0], 0.2
+    correct = torch.stack([z.argmax(1) == labels for z in logits])
+    assert not bool((correct[0] & ~right).any()) and bool((correct[1] == right).all())
+    stats = fit_learned_gates(logits, labels, stage_costs, head_costs, mu)
+    history = fit_learned_gates(logits, labels, stage_costs, head_costs, mu, features="history")
+    assert len(history[1]) == 8  # exit 1 reads exit 0
+    a = learned_simulation(logits, stats, correct, stage_costs, head_costs)
+    b = learned_simulation(logits, history, correct, stage_costs, head_costs)
+    objective = lambda s: (1 - s.accuracy) + mu * s.cost / 12.0  # noqa: E731  (what the fit minimises)
+    assert objective(b) < objective(a) - 0.05
+    fired = b.exit_index == 1
+    assert bool(right[fired].all()) and fired.double().mean() > 0.55 and b.accuracy == 1.0
+
+
+@pytest.mark.parametrize("first", ["stats", "disabled"])
+def test_history_gates_run_in_the_model_as_simulated(first):
+    model, x, dense, y = model_problem()
+    y = torch.where(torch.arange(y.shape[0]) % 7 == 0, (y + 1) % CLASSES, y)
+    stage_costs, head_costs = model.exit_costs(x, "flops")
+    gates = fit_learned_gates(dense, y, stage_costs, head_costs, cost_weight=2.0, features="history")
+    gates[1] = [2.0, 1.0, 0.5, -1.0, 0.5, 0.3, 0.7, -1.2]  # a history gate at exit 1, whatever was fitted
+    if first == "disabled":
+        gates[0] = None  # head 0 must still run: exit 1's gate reads it
+    policy = LearnedPolicy(gates)
+    assert policy.history and policy.needs_head(0)
+    model.set_policy(policy)
+    with torch.no_grad():
+        out, info = model(x, return_info=True)
+    correct = torch.stack([z.argmax(1) == y for z in dense])
+    sim = learned_simulation(dense, gates, correct, stage_costs, head_costs)
+    assert torch.equal(info.exit_index, sim.exit_index)
+    assert info.rows_decided == sim.rows_decided and info.rows_decided[0] == x.shape[0]
+    assert info.flops == sim.total_cost
+    assert 0 < info.exit_counts[1] < x.shape[0]
+    expected = torch.stack(dense)[info.exit_index, torch.arange(x.shape[0])]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # saved and loaded with the model, like stats gates; and a NaN row never exits
+    fresh = mlp(LearnedPolicy(), seed=7)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.policy.gates == policy.gates
+    x = x.clone()
+    x[5] = float("nan")
+    with torch.no_grad():
+        _, info2 = fresh(x, return_info=True)
+    assert info2.exit_index[5] == 2
+
+
+def test_stats_gate_states_saved_before_history_gates_still_load():
+    saved = {"policy": "LearnedPolicy", "gates": [[1.0, 0.5, 0.25, -0.75], None]}  # adaexit 0.1's format
+    policy = LearnedPolicy()
+    policy.set_extra_state(saved)
+    assert policy.gates == [[1.0, 0.5, 0.25, -0.75], None] and not policy.history
+    assert policy.init_state(3, torch.device("cpu")) == {}  # stats gates: the fused kernel, no state
+    with pytest.raises(ValueError, match=r"gates\[0\] must have 4 values"):
+        LearnedPolicy([[0.0] * 8, None])  # exit 0 has no previous exit
+    with pytest.raises(ValueError, match="features"):
+        fit_learned_gates(*three_groups(300)[:2], STAGES, HEADS, 1.0, features="hidden")

@@ -11,6 +11,7 @@ statistics) through a small classifier per node:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -74,6 +75,10 @@ class NetworkSelectionPolicy(RoutingPolicy):
         self.top_k = int(top_k)
         self.lam: float | None = None
         self.classifiers = nn.ModuleList()
+        # per node: exit where the exit margin >= exit_offsets[k]; otherwise skip where the skip margin
+        # > skip_offsets[k] (see choose); set by calibrate's exact refinement, 0 after fit
+        self.exit_offsets: list[float] = []
+        self.skip_offsets: list[float] = []
 
     @property
     def feature_dim(self) -> int:
@@ -92,14 +97,39 @@ class NetworkSelectionPolicy(RoutingPolicy):
         return classifier[-1].out_features
 
     def choose(self, k: int, logits: torch.Tensor) -> torch.Tensor:
-        """Route per row at node ``k`` from its logits (non-finite rows go to the next node)."""
+        """Route per row at node ``k`` from its logits (non-finite rows go to the next node).
+
+        With scores ``s`` of the node's classifier (route 0 = exit, 1 = the next node, 2.. = skips):
+        exit where the *exit margin* ``s0 - max(s1, s2, ..)`` is ``>= exit_offsets[k]``; otherwise
+        skip to the best skip route where the *skip margin* ``max(s2, ..) - s1`` is ``>
+        skip_offsets[k]``, else go to the next node. With zero offsets (a fitted policy) this is the
+        argmax of the scores."""
         if k >= len(self.classifiers):
             return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         feats = prob_features(logits, self.top_k)
         scores = self.classifiers[k](feats.to(self._dtype()))
-        route = scores.argmax(dim=1)
+        exit_margin, skip_margin, skip_route = self._margins(scores)
+        t, u = self._offsets(k)
+        ones = torch.ones_like(skip_route)
+        route = torch.where(exit_margin >= t, torch.zeros_like(ones),
+                            ones if skip_margin is None else torch.where(skip_margin > u, skip_route, ones))
         finite = torch.isfinite(feats).all(dim=1)
-        return torch.where(finite, route, torch.ones_like(route))
+        return torch.where(finite, route, ones)
+
+    @staticmethod
+    def _margins(scores: torch.Tensor):
+        """Exit margin ``[n]``, skip margin ``[n]`` (``None`` without skip routes) and the best skip
+        route ``[n]`` (1 without skip routes) from classifier scores ``[n, routes]``."""
+        exit_margin = scores[:, 0] - scores[:, 1:].max(dim=1).values
+        if scores.shape[1] <= 2:
+            return exit_margin, None, torch.ones(scores.shape[0], dtype=torch.long, device=scores.device)
+        best_skip = scores[:, 2:].max(dim=1)
+        return exit_margin, best_skip.values - scores[:, 1], best_skip.indices + 2
+
+    def _offsets(self, k: int) -> tuple[float, float]:
+        t = self.exit_offsets[k] if k < len(self.exit_offsets) else 0.0
+        u = self.skip_offsets[k] if k < len(self.skip_offsets) else 0.0
+        return t, u
 
     def _dtype(self) -> torch.dtype:
         return next(self.classifiers.parameters()).dtype
@@ -109,15 +139,92 @@ class NetworkSelectionPolicy(RoutingPolicy):
         return logits, self.choose(k, logits), state
 
     @torch.no_grad()
-    def _values(self, outputs: ExitOutputs, lam: float, loss: str):
+    def routes(self, node_logits) -> torch.Tensor:
+        """Long ``[K, N]``: the route every node would give every row, from the dense per-node logits
+        (``[K, N, C]`` or a list); the last node's row is all exits. With
+        :func:`adaexit.simulation.simulate_routes` this predicts a sparse run exactly."""
+        out = []
+        for k, logits in enumerate(node_logits):
+            if k == len(node_logits) - 1 or k >= len(self.classifiers):
+                out.append(torch.zeros(logits.shape[0], dtype=torch.long))
+            else:
+                device = self.classifiers[k][-1].weight.device
+                out.append(self.choose(k, logits.to(device)).cpu())
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def margins(self, node_logits) -> dict:
+        """The decisions of every node on the dense per-node logits, as scores and targets (each
+        ``[K - 1, N]``), for an exact search over the offsets:
+
+        * ``exit``: the exit margin (the row exits where ``exit >= exit_offsets[k]``; NaN for rows
+          with non-finite logits, which never exit);
+        * ``skip``: the skip margin (the row skips where ``skip > skip_offsets[k]``; NaN where the node
+          has no skip route or the logits are non-finite);
+        * ``next``: the next node; ``skip_to``: the node the best skip route leads to (``next`` where
+          there is none); ``target``: where the row goes if it does not exit, under the current offsets.
+        """
+        out = {key: [] for key in ("exit", "skip", "next", "skip_to", "target")}
+        for k in range(len(node_logits) - 1):
+            logits = node_logits[k]
+            device = self.classifiers[k][-1].weight.device
+            feats = prob_features(logits.to(device), self.top_k)
+            scores = self.classifiers[k](feats.to(self._dtype()))
+            exit_margin, skip_margin, skip_route = self._margins(scores)
+            finite = torch.isfinite(feats).all(dim=1)
+            nan = torch.full_like(exit_margin, float("nan"))
+            table = torch.tensor((k,) + tuple(self.successors[k]), dtype=torch.long, device=scores.device)
+            skip = nan if skip_margin is None else torch.where(finite, skip_margin, nan)
+            skip_to = table[skip_route]
+            target = torch.where(skip > self._offsets(k)[1], skip_to, table[1])  # NaN: the next node
+            out["exit"].append(torch.where(finite, exit_margin, nan).float().cpu())
+            out["skip"].append(skip.float().cpu())
+            out["next"].append(torch.full_like(skip_to, int(table[1])).cpu())
+            out["skip_to"].append(torch.where(finite, skip_to, table[1]).cpu())
+            out["target"].append(target.cpu())
+        return {key: torch.stack(v) for key, v in out.items()}
+
+    def exit_margins(self, node_logits) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(margin, target)``, each ``[K - 1, N]``: the exit margins and where each row goes if it
+        does not exit (:meth:`margins`)."""
+        m = self.margins(node_logits)
+        return m["exit"], m["target"]
+
+    def with_offsets(self, exit_offsets=None, skip_offsets=None) -> "NetworkSelectionPolicy":
+        """A copy whose node ``k`` exits where its exit margin ``>= exit_offsets[k]`` (``inf``: never
+        exits there) and skips where its skip margin ``> skip_offsets[k]`` (``inf``: never skips);
+        ``None`` keeps the current offsets."""
+        policy = copy.deepcopy(self)
+        count = len(self.classifiers)
+        current = [self._offsets(k) for k in range(count)]
+        if exit_offsets is not None:
+            policy.exit_offsets = [float(t) for t in exit_offsets][:count]
+        else:
+            policy.exit_offsets = [t for t, _ in current]
+        if skip_offsets is not None:
+            policy.skip_offsets = [float(u) for u in skip_offsets][:count]
+        else:
+            policy.skip_offsets = [u for _, u in current]
+        return policy
+
+    def shift_exits(self, thresholds) -> "NetworkSelectionPolicy":
+        """A copy whose node ``k`` exits where :meth:`exit_margins` ``>= thresholds[k]``."""
+        return self.with_offsets(exit_offsets=thresholds)
+
+    @torch.no_grad()
+    def _values(self, outputs: ExitOutputs, lam: float, loss):
         """Per-node loss [K, N] and normalised step costs [K]."""
         labels = outputs.labels
-        if loss == "error":
+        if isinstance(loss, torch.Tensor):
+            if tuple(loss.shape) != (len(outputs.logits), labels.shape[0]):
+                raise ValueError(f"loss must be a [K, N] tensor of per-node losses, got {tuple(loss.shape)}")
+            losses = loss.float()
+        elif loss == "error":
             losses = torch.stack([(lg.argmax(1) != labels).float() for lg in outputs.logits])
         elif loss == "ce":
             losses = torch.stack([F.cross_entropy(lg.float(), labels, reduction="none") for lg in outputs.logits])
         else:
-            raise ValueError(f"loss must be 'error' or 'ce', got {loss!r}")
+            raise ValueError(f"loss must be 'error', 'ce' or a [K, N] tensor, got {loss!r}")
         step = torch.tensor(outputs.step_costs, dtype=torch.float32) / (outputs.reference_cost or 1.0)
         return losses.cpu(), step
 
@@ -140,7 +247,8 @@ class NetworkSelectionPolicy(RoutingPolicy):
             data: ``(x, y)`` tensors, an iterable of ``(x, y)`` batches, or :class:`~adaexit.evaluation.ExitOutputs`
                 from :func:`~adaexit.evaluation.collect` (reuse them when sweeping ``lam``).
             lam: cost multiplier (>= 0): choice cost = loss + ``lam`` * cost / reference cost.
-            loss: per-node loss, ``"error"`` (0-1) or ``"ce"`` (cross-entropy).
+            loss: per-node loss, ``"error"`` (0-1), ``"ce"`` (cross-entropy), or a ``[K, N]`` tensor
+                (e.g. :func:`adaexit.simulation.budget_losses`, what a calibration budget bounds).
             epochs, lr: full-batch Adam steps per node classifier.
         """
         if not lam >= 0 or math.isinf(lam):
@@ -153,6 +261,7 @@ class NetworkSelectionPolicy(RoutingPolicy):
         self.bind_graph(cascade.successors)
         self.to(outputs.logits[0].device)
         self.lam = float(lam)
+        self.exit_offsets, self.skip_offsets = [], []  # a fitted policy is its classifiers' argmax
         losses, step = self._values(outputs, lam, loss)
         K = len(outputs.logits)
         # value[j]: cost-plus-loss from node j on (j already run) under the policy fitted downstream.
@@ -191,22 +300,83 @@ class NetworkSelectionPolicy(RoutingPolicy):
         weight = regret.sum(dim=1) / max(1, regret.shape[1] - 1)
         weight = weight + 1e-3 * (weight.mean() + 1e-6)  # ties still pull towards the cheaper route
         weight = weight / weight.sum()
+
+        if self.hidden == 0:  # convex: Newton's method converges to the optimum in a few steps
+            with torch.no_grad():
+                w, b = _newton_softmax(classifier[0](feats).double(), target, weight.double(), regret.shape[1])
+                classifier[-1].weight.copy_(w.to(dtype))
+                classifier[-1].bias.copy_(b.to(dtype))
+            return
         optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
         with torch.enable_grad():
             for _ in range(max(1, int(epochs))):
                 optimizer.zero_grad()
-                loss = (weight * F.cross_entropy(classifier(feats), target, reduction="none")).sum()
-                loss.backward()
+                (weight * F.cross_entropy(classifier(feats), target, reduction="none")).sum().backward()
                 optimizer.step()
 
     def get_extra_state(self):
-        return {"hidden": self.hidden, "top_k": self.top_k, "lam": self.lam}
+        return {"hidden": self.hidden, "top_k": self.top_k, "lam": self.lam,
+                "exit_offsets": list(self.exit_offsets), "skip_offsets": list(self.skip_offsets)}
 
     def set_extra_state(self, state):
         self.hidden, self.top_k, self.lam = int(state["hidden"]), int(state["top_k"]), state["lam"]
+        # states saved before the offsets existed: zero offsets (the classifiers' argmax)
+        self.exit_offsets = [float(t) for t in state.get("exit_offsets", [])]
+        self.skip_offsets = [float(u) for u in state.get("skip_offsets", [])]
 
     def extra_repr(self) -> str:
-        return f"hidden={self.hidden}, top_k={self.top_k}, lam={self.lam}"
+        extra = ""
+        if any(self.exit_offsets) or any(self.skip_offsets):
+            extra = f", exit_offsets={self.exit_offsets}, skip_offsets={self.skip_offsets}"
+        return f"hidden={self.hidden}, top_k={self.top_k}, lam={self.lam}{extra}"
+
+
+def _newton_softmax(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, classes: int,
+                    l2: float = 1e-4, steps: int = 50):
+    """Weighted multinomial logistic regression ``softmax(x @ W.T + b)`` by Newton's method with step
+    halving (class 0's row fixed at zero, which removes softmax's shift invariance; L2 ``l2`` on ``W``).
+    Returns ``(W [classes, d], b [classes])``."""
+    n, d = x.shape
+    r = classes - 1
+    if r == 0:
+        return torch.zeros(classes, d, dtype=x.dtype), torch.zeros(classes, dtype=x.dtype)
+    xs = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)  # [n, d + 1]
+    onehot = F.one_hot(target, classes).to(x.dtype)[:, 1:]  # [n, r]
+    theta = torch.zeros(r, d + 1, dtype=x.dtype)
+    reg = torch.full((r, d + 1), 2 * l2, dtype=x.dtype)
+    reg[:, -1] = 1e-9
+
+    def logits_of(t):
+        return torch.cat([torch.zeros(n, 1, dtype=x.dtype), xs @ t.T], dim=1)
+
+    def objective(t):
+        return float((weight * F.cross_entropy(logits_of(t), target, reduction="none")).sum()) + l2 * float(
+            (t[:, :-1] ** 2).sum())
+
+    current = objective(theta)
+    for _ in range(steps):
+        p = torch.softmax(logits_of(theta), dim=1)[:, 1:]  # [n, r]
+        grad = ((weight[:, None] * (p - onehot)).T @ xs + reg * theta).reshape(-1)
+        # Hessian blocks: sum_i w_i (diag(p_i) - p_i p_i^T)[a, c] x_i x_i^T
+        cov = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [n, r, r]
+        hess = torch.einsum("n,nac,ni,nj->aicj", weight, cov, xs, xs).reshape(r * (d + 1), r * (d + 1))
+        hess = hess + torch.diag(reg.reshape(-1))
+        step = torch.linalg.solve(hess, grad).reshape(r, d + 1)
+        scale = 1.0
+        while scale > 1e-4:
+            trial = theta - scale * step
+            value = objective(trial)
+            if value <= current:
+                break
+            scale /= 2
+        else:
+            break
+        theta, improvement, current = trial, current - value, value
+        if improvement < 1e-12:
+            break
+    w = torch.cat([torch.zeros(1, d, dtype=x.dtype), theta[:, :-1]])
+    b = torch.cat([torch.zeros(1, dtype=x.dtype), theta[:, -1]])
+    return w, b
 
 
 class SelectorPolicy(Policy):
