@@ -190,9 +190,10 @@ def test_heads_disagreeing_on_classes_is_an_error():
         EarlyExitNet(stages, [ExitHead(16, 3), ExitHead(8, 4)])
 
 
-def test_heads_must_have_a_gate():
-    with pytest.raises(ValueError, match=r"heads\[0\] is a Linear"):
-        EarlyExitNet([nn.Linear(12, 16), nn.Linear(16, 8)], [nn.Linear(16, 4), ExitHead(8, 4)])
+def test_heads_must_be_modules():
+    # Any nn.Module is a head now (issue 10; tests/test_heads.py): only non-modules are refused.
+    with pytest.raises(ValueError, match=r"heads\[0\] is a function: an exit head must be an nn.Module"):
+        EarlyExitNet([nn.Linear(12, 16), nn.Linear(16, 8)], [lambda h: h, ExitHead(8, 4)])
 
 
 def test_replacing_a_head_takes_effect_in_eval():

@@ -1,7 +1,9 @@
 """``wrap``: an existing model as an adaptive model, by naming where exits go.
 
 * Hugging Face encoder classifiers (BERT, RoBERTa, DistilBERT, ViT): :mod:`.huggingface`;
-* everything else (``nn.Sequential``, torchvision models): :mod:`adaexit.adapters`.
+* every other model (``nn.Sequential``, every torchvision classification family, any single-input model
+  torch.fx can trace): :mod:`.fx`, which splits the model at the named modules. :func:`candidate_exits`
+  lists where exits can go, :func:`pick_exits` picks some at chosen fractions of the FLOPs.
 """
 
 from __future__ import annotations
@@ -10,22 +12,22 @@ from typing import Sequence
 
 from torch import nn
 
-from ..adapters import wrap as wrap_chain
+from .fx import CutPoint, ModelExits, candidate_exits, pick_exits, split_model, wrap as wrap_fx
 from .huggingface import is_huggingface, wrap_transformer
 
 
 def wrap(model: nn.Module, exits: Sequence[str], **kwargs):
     """Wrap ``model`` as an adaptive model with early exits after the modules named in ``exits``
-    (dotted paths as ``model.named_modules()`` names them); the model's own classifier is the last
-    exit, and with the default never-exit policy the result computes what ``model`` computes.
+    (dotted paths as ``model.named_modules()`` names them); the model's own output is the last exit, and
+    with the default never-exit policy the result computes what ``model`` computes.
 
     Hugging Face encoder classifiers take ``heads=``, ``policy=``, ``trim=`` (see
     :class:`~adaexit.wrappers.huggingface.TransformerExits`); other models ``head=``, ``policy=``,
-    ``example_input=`` (see :func:`adaexit.adapters.wrap`).
+    ``example_input=`` (see :func:`adaexit.wrappers.fx.wrap`).
     """
     if is_huggingface(model):
         return wrap_transformer(model, exits, **kwargs)
-    return wrap_chain(model, exits, **kwargs)
+    return wrap_fx(model, exits, **kwargs)
 
 
-__all__ = ["wrap"]
+__all__ = ["CutPoint", "ModelExits", "candidate_exits", "pick_exits", "split_model", "wrap"]
