@@ -178,6 +178,26 @@ class Simulation:
     cost: float
 
 
+def _outcome(exit_index, counts, rows_run, rows_decided, correct, stage_costs, head_costs) -> Simulation:
+    """The :class:`Simulation` of decided routes: accuracy from ``correct`` and the cost of the rows each node
+    ran and decided, summed in the order :func:`adaexit.base.trace_flops` uses (so FLOPs agree to the last
+    bit)."""
+    n = exit_index.shape[0]
+    total = float(
+        sum(r * f for r, f in zip(rows_run, stage_costs)) + sum(r * f for r, f in zip(rows_decided, head_costs))
+    )
+    right = correct[exit_index, torch.arange(n)] if n else torch.zeros(0, dtype=torch.bool)
+    return Simulation(
+        exit_index=exit_index,
+        exit_counts=counts,
+        rows_run=rows_run,
+        rows_decided=rows_decided,
+        accuracy=float(right.double().mean()) if n else float("nan"),
+        total_cost=total,
+        cost=total / n if n else float("nan"),
+    )
+
+
 def simulate(scores, thresholds, correct, stage_costs, head_costs) -> Simulation:
     """Predict a threshold policy's decisions, accuracy and cost (the executor's rules, exactly).
 
@@ -219,20 +239,7 @@ def simulate(scores, thresholds, correct, stage_costs, head_costs) -> Simulation
         reach -= counts[k]
     active = [t <= 1.0 for t in thresholds] + [True]
     rows_decided = [r if a else 0 for r, a in zip(rows_run, active)]
-    # summed in the order adaexit.base.trace_flops uses, so FLOPs agree to the last bit
-    total = float(
-        sum(r * f for r, f in zip(rows_run, stage_costs)) + sum(r * f for r, f in zip(rows_decided, head_costs))
-    )
-    right = correct[exit_index, torch.arange(n)] if n else torch.zeros(0, dtype=torch.bool)
-    return Simulation(
-        exit_index=exit_index,
-        exit_counts=counts,
-        rows_run=rows_run,
-        rows_decided=rows_decided,
-        accuracy=float(right.double().mean()) if n else float("nan"),
-        total_cost=total,
-        cost=total / n if n else float("nan"),
-    )
+    return _outcome(exit_index, counts, rows_run, rows_decided, correct, stage_costs, head_costs)
 
 
 def budget_losses(correct, drop: str = "net") -> torch.Tensor:
@@ -301,19 +308,7 @@ def simulate_routes(routes, successors, correct, stage_costs, head_costs, decide
         move = here & (r > 0)
         at[move] = table[r[move]]
     counts = torch.bincount(exit_index, minlength=k_exits).tolist()
-    total = float(
-        sum(r * f for r, f in zip(rows_run, stage_costs)) + sum(r * f for r, f in zip(rows_decided, head_costs))
-    )
-    right = correct[exit_index, torch.arange(n)] if n else torch.zeros(0, dtype=torch.bool)
-    return Simulation(
-        exit_index=exit_index,
-        exit_counts=counts,
-        rows_run=rows_run,
-        rows_decided=rows_decided,
-        accuracy=float(right.double().mean()) if n else float("nan"),
-        total_cost=total,
-        cost=total / n if n else float("nan"),
-    )
+    return _outcome(exit_index, counts, rows_run, rows_decided, correct, stage_costs, head_costs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch import nn
 from ..base import AdaptiveModel
 from ..evaluation import ExitOutputs, collect
 from ..policies import Policy, RoutingPolicy
+from ..policies.learned import newton_minimize
 from ..simulation import prob_features
 
 
@@ -353,27 +354,16 @@ def _newton_softmax(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
         return float((weight * F.cross_entropy(logits_of(t), target, reduction="none")).sum()) + l2 * float(
             (t[:, :-1] ** 2).sum())
 
-    current = objective(theta)
-    for _ in range(steps):
-        p = torch.softmax(logits_of(theta), dim=1)[:, 1:]  # [n, r]
-        grad = ((weight[:, None] * (p - onehot)).T @ xs + reg * theta).reshape(-1)
+    def newton_step(t):
+        p = torch.softmax(logits_of(t), dim=1)[:, 1:]  # [n, r]
+        grad = ((weight[:, None] * (p - onehot)).T @ xs + reg * t).reshape(-1)
         # Hessian blocks: sum_i w_i (diag(p_i) - p_i p_i^T)[a, c] x_i x_i^T
         cov = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [n, r, r]
         hess = torch.einsum("n,nac,ni,nj->aicj", weight, cov, xs, xs).reshape(r * (d + 1), r * (d + 1))
         hess = hess + torch.diag(reg.reshape(-1))
-        step = torch.linalg.solve(hess, grad).reshape(r, d + 1)
-        scale = 1.0
-        while scale > 1e-4:
-            trial = theta - scale * step
-            value = objective(trial)
-            if value <= current:
-                break
-            scale /= 2
-        else:
-            break
-        theta, improvement, current = trial, current - value, value
-        if improvement < 1e-12:
-            break
+        return torch.linalg.solve(hess, grad).reshape(r, d + 1)
+
+    theta = newton_minimize(objective, newton_step, theta, steps)
     w = torch.cat([torch.zeros(1, d, dtype=x.dtype), theta[:, :-1]])
     b = torch.cat([torch.zeros(1, dtype=x.dtype), theta[:, -1]])
     return w, b

@@ -246,6 +246,28 @@ def learned_simulation(exit_logits, gates, correct, stage_costs, head_costs, sta
 # =============================================================================================
 # Fitting: bottom-up weighted logistic regression (Bolukbasi et al. 2017)
 # =============================================================================================
+def newton_minimize(objective, newton_step, theta: torch.Tensor, steps: int = 50) -> torch.Tensor:
+    """Minimise a convex ``objective(theta) -> float`` from ``theta`` by Newton's method with step halving:
+    ``newton_step(theta)`` returns the Newton direction (Hessian⁻¹ gradient, theta's shape). Stops after
+    ``steps`` steps, when no halving down to 1e-4 decreases the objective, or when it improves by < 1e-12."""
+    current = objective(theta)
+    for _ in range(steps):
+        step = newton_step(theta)
+        scale = 1.0
+        while scale > 1e-4:
+            trial = theta - scale * step
+            value = objective(trial)
+            if value <= current:
+                break
+            scale /= 2
+        else:
+            break
+        theta, improvement, current = trial, current - value, value
+        if improvement < 1e-12:
+            break
+    return theta
+
+
 def _weighted_logistic(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float = 1e-3, steps: int = 50):
     """Fit ``sigmoid(x @ a + b)`` to labels ``y`` with example weights ``w`` (L2 ``l2`` on ``a``); returns
     ``(a, b)`` in the units of ``x`` (fitted on standardised features, then folded back).
@@ -267,24 +289,13 @@ def _weighted_logistic(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: fl
         return float((w * F.binary_cross_entropy_with_logits(z, y, reduction="none")).sum()) + l2 * float(
             (t[:-1] * t[:-1]).sum())
 
-    current = objective(theta)
-    for _ in range(steps):
-        p = torch.sigmoid(xs @ theta)
-        grad = xs.T @ (w * (p - y)) + reg * theta
+    def newton_step(t):
+        p = torch.sigmoid(xs @ t)
+        grad = xs.T @ (w * (p - y)) + reg * t
         hess = (xs * (w * p * (1 - p))[:, None]).T @ xs + torch.diag(reg)
-        step = torch.linalg.solve(hess, grad)
-        scale = 1.0
-        while scale > 1e-4:
-            trial = theta - scale * step
-            value = objective(trial)
-            if value <= current:
-                break
-            scale /= 2
-        else:
-            break
-        theta, improvement, current = trial, current - value, value
-        if improvement < 1e-12:
-            break
+        return torch.linalg.solve(hess, grad)
+
+    theta = newton_minimize(objective, newton_step, theta, steps)
     a, b = theta[:-1], theta[-1]
     return a / std, b - (a * mean / std).sum()
 
