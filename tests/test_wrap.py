@@ -10,6 +10,8 @@ The sweep over every torchvision builder is ``tests/test_torchvision_wrap.py``.
 """
 
 import copy
+import io
+import warnings
 
 import pytest
 import torch
@@ -210,13 +212,22 @@ def test_parameters_are_shared_and_registered_once(resnet):
 
 
 def test_state_dict_round_trip_and_deepcopy(resnet):
-    x = torch.randn(4, 3, 32, 32)
-    wrapped = wrap(resnet, exits=["layer2"], example_input=x[:1],
-                   policy=ConfidencePolicy("maxprob", [0.5])).eval()
+    x = torch.randn(8, 3, 32, 32)
+    wrapped = wrap(resnet, exits=["layer2"], example_input=x[:1]).eval()
+    with torch.no_grad():  # a threshold between the rows' exit-0 scores: some rows exit there, some do not
+        scores = wrapped.exit_logits(x)[0].softmax(1).max(1).values.sort().values
+    threshold = float((scores[3] + scores[4]) / 2)
+    wrapped.set_policy(ConfidencePolicy("maxprob", [threshold]))
+    with torch.no_grad():
+        _, info = wrapped(x, return_info=True)
+    assert min(info.exit_counts) > 0, info.exit_counts
+    buffer = io.BytesIO()
+    torch.save(wrapped.state_dict(), buffer)
+    buffer.seek(0)
     twin_model = M.resnet18(num_classes=10).eval()
     twin = wrap(twin_model, exits=["layer2"]).eval()  # heads not built yet: the state gives their shapes
-    twin.load_state_dict(wrapped.state_dict())
-    assert isinstance(twin.policy, ConfidencePolicy) and twin.policy.thresholds == [0.5]
+    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    assert isinstance(twin.policy, ConfidencePolicy) and twin.policy.thresholds == pytest.approx([threshold])
     copied = copy.deepcopy(wrapped)
     assert copied.stages[0].conv1 is copied.model.conv1 and copied.model.conv1 is not resnet.conv1
     with torch.no_grad():
@@ -402,3 +413,124 @@ def test_adapters_alias_still_imports():
     from adaexit.wrappers.fx import wrap as fx_wrap
 
     assert old_wrap is fx_wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings: side effects, train-mode code, layouts, dtypes, arguments
+# ---------------------------------------------------------------------------------------------
+class _InPlaceTail(nn.Module):
+    """In-place ops whose results are never used: their effect lives on in the tensor they write."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.b(self.a(x))
+        x.relu_()
+        x.mul_(2)
+        return self.fc(x)
+
+
+def test_in_place_ops_with_unused_results_are_kept():
+    model = _InPlaceTail().eval()
+    x = torch.randn(5, 4)
+    wrapped = wrap(model, exits=["a"], example_input=x[:1]).eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), model(x))
+
+
+class _RootDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        return self.fc(torch.nn.functional.dropout(x, 0.5, self.training))
+
+
+def test_train_mode_code_in_the_traced_forward_warns():
+    with pytest.warns(UserWarning, match="differs between train and eval mode"):
+        wrap(_RootDropout(), exits=["a"], example_input=torch.randn(1, 4))
+
+
+def test_sequential_without_mode_dependent_code_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrap(sequential_cnn(), exits=["1"], example_input=torch.randn(1, 1, 28, 28))
+
+
+def test_conv1d_maps_are_pooled_over_their_length():
+    model = nn.Sequential(nn.Conv1d(2, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 16, 3, padding=1),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    wrapped = wrap(model, exits=["1"], example_input=torch.randn(1, 2, 40)).eval()
+    assert wrapped.cuts[0].layout == "nchw" and wrapped.cuts[0].feature_dim == 16
+    x = torch.randn(4, 2, 50)  # another length: the head pools over it
+    with torch.no_grad():
+        logits = wrapped.exit_logits(x)
+    assert logits[0].shape == (4, 3) and torch.equal(logits[-1], model(x))
+
+
+def test_a_convolution_producer_decides_the_layout_over_the_aspect_ratio():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=(16, 1), padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 3)).eval()
+    wrapped = wrap(model, exits=["0"], example_input=torch.randn(1, 3, 32, 32))
+    cut = wrapped.cuts[0]
+    assert cut.shape == (1, 16, 2, 32) and cut.layout == "nchw" and cut.feature_dim == 16 and cut.layout_ambiguous
+
+
+def test_callable_heads_follow_the_model_dtype():
+    model = sequential_cnn().to(torch.bfloat16)
+    wrapped = wrap(model, exits=["3"], example_input=torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),
+                   head=lambda width, classes: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                                             nn.Linear(width, classes)))
+    assert wrapped.heads[0][2].weight.dtype == torch.bfloat16
+    out = wrapped.train()(torch.randn(2, 1, 28, 28, dtype=torch.bfloat16))
+    assert [o.dtype for o in out] == [torch.bfloat16, torch.bfloat16]
+    with pytest.raises(ValueError, match="must return an nn.Module"):
+        wrap(model, exits=["3"], example_input=torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),
+             head=lambda width, classes: None)
+
+
+class _RootBuffer(nn.Module):
+    """Reads a root-level buffer and parameter in its own forward (traced as get_attr nodes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, 3, 1, 1))
+        self.scale = nn.Parameter(torch.ones(1))
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.c2(torch.relu(self.c1((x - self.mean) * self.scale)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_traced_tensors_follow_to_and_assigned_state():
+    x = torch.randn(3, 3, 8, 8)
+    model = _RootBuffer().eval()
+    lazy = wrap(model, exits=["c1"]).eval().to(torch.bfloat16)  # heads built from the first (bf16) batch
+    with torch.no_grad():
+        assert lazy(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    model = _RootBuffer().eval()
+    wrapped = wrap(model, exits=["c1"], example_input=x[:1]).eval()
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in wrapped.state_dict().items()}
+    state["model.mean"] = torch.full((1, 3, 1, 1), 0.5)
+    state["model.scale"] = torch.full((1,), 2.0)
+    wrapped.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), model(x))
+        assert model.mean.flatten()[0] == 0.5
+
+
+def test_pick_exits_skips_cuts_that_save_nothing_and_bad_arguments_are_named():
+    from adaexit.wrappers.fx import CutPoint
+
+    late = [CutPoint("a", flops_fraction=0.97), CutPoint("b", flops_fraction=0.99)]
+    assert pick_exits(late) == []
+    with pytest.raises(ValueError, match="exits must be a list"):
+        wrap(sequential_cnn(), None)
+    with pytest.raises(ValueError, match="example_input of shape"):
+        wrap(sequential_cnn(), exits=["1"], example_input=torch.randn(1, 3, 28, 28))

@@ -163,7 +163,7 @@ def _trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool], training: b
             f"wrap: {type(model).__name__}.forward takes {len(inputs)} inputs "
             f"({', '.join(str(n.target) for n in inputs)}); only single-input models can be split"
         )
-    graph.eliminate_dead_code()  # keeps side-effecting nodes such as torch._assert
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)  # keeps asserts and in-place writes
     return _Trace(model, gm, tracer)
 
 
@@ -220,7 +220,27 @@ def _describe(node: fx.Node) -> str:
     return f"value '{node.name}' (computed in {_scope_name(node)})"
 
 
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior,
+                      operator.setitem}
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` writes into a tensor in place (``x.relu_()``, ``x[i] = v``, ``F.relu(x, inplace=True)``,
+    ``ReLU(inplace=True)``): its effect lives on in that tensor even when its result is never used."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace")) or node.target in _INPLACE_FUNCTIONS or (
+            name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_module":
+        return bool(getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False))
+    return False
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """Dead-code elimination keeps side effects: fx's own rule (asserts, random ops) plus in-place writes."""
+    return node.is_impure() or _mutates(node)
 
 
 def _inplace_consumer(cut: fx.Node, root: nn.Module) -> str | None:
@@ -267,13 +287,19 @@ def _probe(trace: _Trace, example_input: torch.Tensor, flops: bool) -> _Probe:
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
         raise ValueError("wrap: example_input must be a tensor holding at least one row (a batch of 1-2 is enough)")
     with _mode(trace.model, False), torch.no_grad():
-        if flops:
-            with FlopCounterMode(display=False) as counter:
-                probe = _Probe(trace.gm, counter)
+        try:
+            if flops:
+                with FlopCounterMode(display=False) as counter:
+                    probe = _Probe(trace.gm, counter)
+                    probe.run(example_input)
+            else:
+                probe = _Probe(trace.gm)
                 probe.run(example_input)
-        else:
-            probe = _Probe(trace.gm)
-            probe.run(example_input)
+        except Exception as err:
+            raise ValueError(
+                f"wrap: {type(trace.model).__name__} failed on example_input of shape {tuple(example_input.shape)} "
+                f"({type(err).__name__}: {str(err).splitlines()[0]}); pass a batch the model itself accepts"
+            ) from err
     return probe
 
 
@@ -289,8 +315,8 @@ class CutPoint:
         shape: its output's shape for the example input (``None`` without one).
         layout: ``"nchw"`` (``[N, C, H, W]``), ``"nhwc"`` (channels last, Swin), ``"tokens"`` (``[N, L, D]``,
             ViT), ``"flat"`` (``[N, D]``), ``"other"``; ``None`` without an example input.
-        layout_ambiguous: the shape alone could not tell NCHW from NHWC (the producing or consuming
-            modules decided).
+        layout_ambiguous: the shape alone could not tell NCHW from NHWC, or the producing / consuming
+            modules (which decide) disagreed with the input's aspect ratio.
         token_index: for tokens, the token the model's own tail reads (``x[:, 0]``: a class token).
         flops_fraction: FLOPs (matmuls and convolutions) done before the cut / the whole model's.
         inplace_consumer: an op right after the cut that overwrites the value in place (a head must then
@@ -370,12 +396,15 @@ def _infer_layout(shape: tuple[int, ...], input_shape: tuple[int, ...], hint: st
 
     A 4-D map keeps the input's aspect ratio: ``[N, a, b, c]`` is NCHW when ``b / c`` matches ``H / W``
     better than ``a / b`` does (a square input gives ``b == c`` for NCHW, ``a == b`` for NHWC). When both
-    match equally (``[N, 7, 7, 7]``) the producing or consuming modules decide.
+    match equally (``[N, 7, 7, 7]``) the producing or consuming modules decide; when they tell (a convolution
+    or BatchNorm: channels first; a LayerNorm or Linear over the last axis: channels last) they win over the
+    ratio, and a disagreement is flagged as ambiguous. A 3-D ``[N, a, b]`` is a token sequence unless those
+    modules say channels first (``Conv1d``: ``[N, C, L]``, pooled over ``L``).
     """
     if len(shape) == 2:
         return "flat", False
     if len(shape) == 3:
-        return "tokens", False
+        return ("nchw" if hint == "nchw" else "tokens"), False
     if len(shape) != 4:
         return "other", False
     _, a, b, c = shape
@@ -385,7 +414,8 @@ def _infer_layout(shape: tuple[int, ...], input_shape: tuple[int, ...], hint: st
     err_nchw = abs(math.log(max(b, 1) / max(c, 1)) - target)
     err_nhwc = abs(math.log(max(a, 1) / max(b, 1)) - target)
     if abs(err_nchw - err_nhwc) > 1e-6:
-        return ("nchw" if err_nchw < err_nhwc else "nhwc"), False
+        by_ratio = "nchw" if err_nchw < err_nhwc else "nhwc"
+        return (hint or by_ratio), hint is not None and hint != by_ratio
     return (hint or "nchw"), True
 
 
@@ -466,6 +496,8 @@ def _ancestors(name: str) -> list[str]:
 def _check_names(model: nn.Module, exits: Sequence[str]) -> list[str]:
     if isinstance(exits, str):
         raise ValueError(f"wrap: exits must be a list of module names, not the string {exits!r}")
+    if not isinstance(exits, Iterable):
+        raise ValueError(f"wrap: exits must be a list of module names (dotted paths), got {exits!r}")
     exits = list(exits)
     names = dict(model.named_modules())
     seen = set()
@@ -578,7 +610,7 @@ def _build_piece(trace: _Trace, segment: list[fx.Node], incoming: fx.Node | None
             env[n] = g.node_copy(n, lookup)
     g.output(fx.node.map_arg(result, lookup))
     gm = fx.GraphModule(trace.model, g, name)
-    if gm.graph.eliminate_dead_code():  # e.g. unused parts of an unpacked x.shape
+    if gm.graph.eliminate_dead_code(is_impure_node=_is_impure):  # e.g. unused parts of an unpacked x.shape
         gm.recompile()
     gm.graph.lint()
     return gm
@@ -647,8 +679,8 @@ def _mode_notes(model: nn.Module, traced_through: set[str], eval_trace: _Trace) 
     except ValueError as err:
         return [f"could not trace in train mode ({err}); the split follows the eval-mode graph"]
 
-    def signature(t: _Trace):
-        return [(n.op, str(n.target)) for n in t.nodes]
+    def signature(t: _Trace):  # arguments too: `F.dropout(x, p, self.training)` differs only in them
+        return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in t.nodes]
 
     if signature(train_trace) == signature(eval_trace):
         return []
@@ -797,7 +829,7 @@ def pick_exits(candidates: Sequence[CutPoint], fractions: Sequence[float] = (1 /
     remain are passed over: an exit there saves nothing."""
     use_flops = all(c.flops_fraction is not None for c in candidates)
     if use_flops:
-        candidates = [c for c in candidates if c.flops_fraction <= 1 - min_saving] or list(candidates)
+        candidates = [c for c in candidates if c.flops_fraction <= 1 - min_saving]
     if not candidates:
         return []
     pos = [c.flops_fraction if use_flops else (i + 1) / len(candidates) for i, c in enumerate(candidates)]
@@ -834,9 +866,12 @@ def _make_head(kind, cut: CutPoint, num_classes: int, device, dtype) -> nn.Modul
     block before it, for feature maps) or a callable ``(width, num_classes) -> nn.Module``, which receives
     the stage output as it is (see ``cut.layout``)."""
     width = cut.feature_dim if cut.feature_dim is not None else cut.shape[1]
-    if callable(kind):
-        return kind(width, num_classes)
-    if kind == "linear":
+    if callable(kind) and not isinstance(kind, str):
+        head = kind(width, num_classes)
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"wrap: head(width, num_classes) must return an nn.Module, got {type(head).__name__} "
+                             f"(exit '{cut.name}')")
+    elif kind == "linear":
         head = ExitHead(width, num_classes, features=_layout_reader(cut))
     elif kind == "conv":
         if cut.layout not in ("nchw", "nhwc"):
@@ -896,6 +931,8 @@ class ModelExits(EarlyExitNet):
         self._pending = not split.probed
         check_chain(self.stages, self.heads)
         self.set_policy(policy or NeverExitPolicy())
+        # load_state_dict(assign=True) replaces the model's tensors: the traced code must read the new ones
+        self.register_load_state_dict_post_hook(lambda module, keys: module._resync_traced_tensors())
 
     # -- the chain ------------------------------------------------------------------------------
     @property
@@ -972,11 +1009,16 @@ class ModelExits(EarlyExitNet):
 
     # -- the pieces' own references ---------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """After ``.to()`` / ``.half()`` / ...: tensors the traced code reads directly (``get_attr`` nodes: a
-        ViT's class token) are re-read from the model, so the pieces follow it (parameters keep their
-        identity, buffers are replaced)."""
+        """After ``.to()`` / ``.half()`` / ...: the pieces follow the model (see :meth:`_resync_traced_tensors`)."""
         result = super()._apply(fn, recurse)
-        for piece in self._split.pieces:
+        self._resync_traced_tensors()
+        return result
+
+    def _resync_traced_tensors(self) -> None:
+        """Tensors the traced code reads directly (``get_attr`` nodes: a ViT's class token, a root-level
+        buffer) are re-read from the model, in the pieces and in the traced graph that probes the first
+        batch: ``.to()`` replaces buffers, ``load_state_dict(assign=True)`` parameters too."""
+        for piece in [*self._split.pieces, self._split._trace.gm]:
             for node in piece.graph.nodes:
                 if node.op == "get_attr":
                     *path, attr = node.target.split(".")
@@ -988,7 +1030,6 @@ class ModelExits(EarlyExitNet):
                         owner._buffers[attr] = value
                     elif isinstance(value, nn.Parameter):
                         owner._parameters[attr] = value
-        return result
 
     def extra_repr(self) -> str:
         return f"exits={self.exits}"
