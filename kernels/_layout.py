@@ -4,12 +4,14 @@
 The row kernels see a row as up to :data:`MAX_STRIDED_DIMS` trailing dims: the host puts the trailing dims
 in memory order (:func:`memory_order`), merges neighbours that are contiguous with each other
 (:func:`coalesce`), moves rows as same-width integers (:func:`raw_view`) and sizes the program tile
-(:func:`tile_shape`). Pure Python + torch: nothing here needs triton.
+(:func:`tile_shape`; :func:`tile_spec` for the compile report). Pure Python + torch: nothing here needs triton.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._compile import CompileSpec
 
 MAX_STRIDED_DIMS = 3  # trailing dims the strided row kernels walk; more -> the ops' documented fallbacks
 _RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -77,6 +79,13 @@ def tile_shape(R: int, element_size: int) -> tuple[int, int]:
     block_cols = min(next_power_of_2(max(R, 1)), _MAX_COL_BYTES // element_size)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, (_TILE_BYTES // element_size) // block_cols))
     return block_rows, block_cols
+
+
+def tile_spec(label: str, fn, signature: dict, R: int, element_size: int) -> CompileSpec:
+    """A row-copy kernel's representative launch for the compile report, tiled as :func:`tile_shape` tiles
+    rows of ``R`` elements of ``element_size`` bytes."""
+    block_rows, block_cols = tile_shape(R, element_size)
+    return CompileSpec(label, fn, signature, {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols})
 
 
 def check_index(index: torch.Tensor, name: str = "index") -> None:

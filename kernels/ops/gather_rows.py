@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from .._compile import CompileSpec
 from .._dispatch import use_triton
 from .._layout import (
     MAX_STRIDED_DIMS,
@@ -39,6 +38,7 @@ from .._layout import (
     memory_order,
     raw_view,
     tile_shape,
+    tile_spec,
 )
 from .._triton import tl, triton
 
@@ -208,15 +208,10 @@ _sig = {"x_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i32", "n": "i32", "M"
 _sig_strided = {**_sig, **{k: "i32" for k in ("size1", "size2", "stride_x0", "stride_x1", "stride_x2", "stride_o0", "stride_o1", "stride_o2")}}
 
 
-def _spec(label, fn, sig, R, elsize):
-    block_rows, block_cols = tile_shape(R, elsize)
-    return CompileSpec(label, fn, sig, {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols})
-
-
 COMPILE_SPECS = [
-    _spec("gather_rows[fp32 x512, i64 index]", _gather_rows_kernel, _sig, 512, 4),
-    _spec("gather_rows[fp16 x512, i64 index]", _gather_rows_kernel, {**_sig, "x_ptr": "*i16", "out_ptr": "*i16"}, 512, 2),
-    _spec("gather_rows[fp32 x4096, i32 index]", _gather_rows_kernel, {**_sig, "index_ptr": "*i32"}, 4096, 4),
-    _spec("gather_rows[i64 x1, i64 index]", _gather_rows_kernel, {**_sig, "x_ptr": "*i64", "out_ptr": "*i64"}, 1, 8),
-    _spec("gather_rows_strided[fp32 x512, i64 index]", _gather_rows_strided_kernel, _sig_strided, 512, 4),
+    tile_spec("gather_rows[fp32 x512, i64 index]", _gather_rows_kernel, _sig, 512, 4),
+    tile_spec("gather_rows[fp16 x512, i64 index]", _gather_rows_kernel, {**_sig, "x_ptr": "*i16", "out_ptr": "*i16"}, 512, 2),
+    tile_spec("gather_rows[fp32 x4096, i32 index]", _gather_rows_kernel, {**_sig, "index_ptr": "*i32"}, 4096, 4),
+    tile_spec("gather_rows[i64 x1, i64 index]", _gather_rows_kernel, {**_sig, "x_ptr": "*i64", "out_ptr": "*i64"}, 1, 8),
+    tile_spec("gather_rows_strided[fp32 x512, i64 index]", _gather_rows_strided_kernel, _sig_strided, 512, 4),
 ]

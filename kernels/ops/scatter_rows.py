@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .._compile import CompileSpec
 from .._dispatch import use_triton
-from .._layout import MAX_STRIDED_DIMS, check_index, check_index_values, coalesce, memory_order, raw_view, tile_shape
+from .._layout import MAX_STRIDED_DIMS, check_index, check_index_values, coalesce, memory_order, raw_view, tile_shape, tile_spec
 from .._triton import tl, triton
 
 
@@ -180,14 +179,9 @@ _sig = {"src_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i32", "n": "i32", "
 _sig_strided = {**_sig, **{k: "i32" for k in ("size1", "size2", "stride_s0", "stride_s1", "stride_s2", "stride_o0", "stride_o1", "stride_o2")}}
 
 
-def _spec(label, fn, sig, R, elsize):
-    block_rows, block_cols = tile_shape(R, elsize)
-    return CompileSpec(label, fn, sig, {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols})
-
-
 COMPILE_SPECS = [
-    _spec("scatter_rows[fp32 x512, i64 index]", _scatter_rows_kernel, _sig, 512, 4),
-    _spec("scatter_rows[fp16 x512, i64 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i16", "out_ptr": "*i16"}, 512, 2),
-    _spec("scatter_rows[i64 x1, i32 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i64", "out_ptr": "*i64", "index_ptr": "*i32"}, 1, 8),
-    _spec("scatter_rows_strided[fp32 x512, i64 index]", _scatter_rows_strided_kernel, _sig_strided, 512, 4),
+    tile_spec("scatter_rows[fp32 x512, i64 index]", _scatter_rows_kernel, _sig, 512, 4),
+    tile_spec("scatter_rows[fp16 x512, i64 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i16", "out_ptr": "*i16"}, 512, 2),
+    tile_spec("scatter_rows[i64 x1, i32 index]", _scatter_rows_kernel, {**_sig, "src_ptr": "*i64", "out_ptr": "*i64", "index_ptr": "*i32"}, 1, 8),
+    tile_spec("scatter_rows_strided[fp32 x512, i64 index]", _scatter_rows_strided_kernel, _sig_strided, 512, 4),
 ]
