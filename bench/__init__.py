@@ -285,6 +285,15 @@ def common_arguments(
     return parser
 
 
+def comma_list(parser: argparse.ArgumentParser, text: str, flag: str, kind: type = int) -> list:
+    """``"64,256"`` -> ``[64, 256]`` (of ``kind``: int or float); anything else is a usage error naming ``flag``."""
+    try:
+        return [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        parser.error(f"{flag} must be comma-separated {what}, got {text!r}")
+
+
 def apply_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """:func:`set_threads` from ``--threads``; a bad value is a usage error (``parser.error``)."""
     try:

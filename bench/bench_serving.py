@@ -34,6 +34,7 @@ from adaexit.heads import LogitsHead
 
 from . import (
     apply_threads,
+    comma_list,
     common_arguments,
     contention_note,
     describe_machine,
@@ -209,13 +210,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _floats(parser, text: str, flag: str) -> list[float]:
-    try:
-        return [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"{flag} must be comma-separated numbers, got {text!r}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_serving", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"short runs (defaults become {QUICK})")
@@ -238,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    loads = _floats(parser, args.load, "--load")
-    rates = _floats(parser, args.rates, "--rates") if args.rates else None
+    loads = comma_list(parser, args.load, "--load", float)
+    rates = comma_list(parser, args.rates, "--rates", float) if args.rates else None
     apply_threads(parser, args)
     try:
         report = run(args.system, args.source, loads, rates, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,

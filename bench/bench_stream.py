@@ -39,6 +39,7 @@ from adaexit import Cascade, EarlyExitNet, ExitHead, stream
 
 from . import (
     apply_threads,
+    comma_list,
     common_arguments,
     contention_note,
     describe_machine,
@@ -287,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    try:
-        sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    sizes = comma_list(parser, args.batch_sizes, "--batch-sizes")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     apply_threads(parser, args)
     try:

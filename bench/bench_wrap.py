@@ -38,6 +38,7 @@ from adaexit.wrappers import candidate_exits, pick_exits
 
 from . import (
     apply_threads,
+    comma_list,
     common_arguments,
     contention_note,
     describe_machine,
@@ -201,13 +202,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str, option: str, parser: argparse.ArgumentParser) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        parser.error(f"{option} must be comma-separated integers, got {text!r}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_wrap", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -220,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else DEFAULTS)
     if args.batches is not None:
-        settings["batches"] = _ints(args.batches, "--batches", parser)
+        settings["batches"] = tuple(comma_list(parser, args.batches, "--batches"))
     for key in ("px", "repeats"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)

@@ -28,6 +28,7 @@ from . import (
     apply_threads,
     cascade_networks,
     cnn_early_exit,
+    comma_list,
     common_arguments,
     contention_note,
     describe_machine,
@@ -272,10 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows the fresh models' thresholds are set on (default 1024)")
     common_arguments(parser, json_help="write the report as JSON")
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    sizes = comma_list(parser, args.batch_sizes, "--batch-sizes")
     if args.loop_rows < 1:
         parser.error("--loop-rows must be >= 1")
     apply_threads(parser, args)
