@@ -246,14 +246,13 @@ def _is_impure(node: fx.Node) -> bool:
 def _inplace_consumer(cut: fx.Node, root: nn.Module) -> str | None:
     """The op after the cut that overwrites the cut value in place, if any (e.g. ``ReLU(inplace=True)``)."""
     for u in cut.users:
-        if not u.args or u.args[0] is not cut:
+        if not u.args or u.args[0] is not cut or not _mutates(u):
             continue
-        if u.op == "call_module" and getattr(root.get_submodule(u.target), "inplace", False):
+        if u.op == "call_module":
             return f"'{u.target}' ({type(root.get_submodule(u.target)).__name__}, inplace=True)"
-        if u.op == "call_function" and (u.kwargs.get("inplace") or u.target in _INPLACE_FUNCTIONS):
+        if u.op == "call_function":
             return f"{getattr(u.target, '__name__', u.target)} (in place) in {_scope_name(u)}"
-        if u.op == "call_method" and u.target.endswith("_") and not u.target.startswith("_"):
-            return f"Tensor.{u.target} in {_scope_name(u)}"
+        return f"Tensor.{u.target} in {_scope_name(u)}"
     return None
 
 
