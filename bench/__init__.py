@@ -111,7 +111,7 @@ def cascade_networks(num_classes: int = 10, seed: int = 0) -> list[nn.Module]:
 
 
 def _demo_wide_cnn(seed: int) -> EarlyExitNet:
-    from adaexit.models import wide_cnn
+    from adaexit.apps.fashion_mnist.models import wide_cnn
 
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -131,7 +131,7 @@ EARLY_EXIT_MODELS = {
         "VGG-style CNN: stages of 32/64/128 channels at 28/14/7 px with max-pooling, pooled-linear heads",
         lambda seed: cnn_early_exit((32, 64, 128), seed=seed),
     ),
-    "demo": ("adaexit.models.wide_cnn (the demo's architecture, untrained), conv exit heads", _demo_wide_cnn),
+    "demo": ("adaexit.apps.fashion_mnist.models.wide_cnn (the demo's architecture, untrained), conv exit heads", _demo_wide_cnn),
     "tiny": ("tiny VGG-style CNN (4/8/8 channels), for smoke tests", lambda seed: cnn_early_exit((4, 8, 8), seed=seed)),
 }
 

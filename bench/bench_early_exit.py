@@ -14,7 +14,7 @@ The model (``--model``) is a 3-stage CNN on synthetic 28x28 inputs: ``isotropic`
 :func:`bench.isotropic_early_exit`, whose time per FLOP is about equal in every stage, so the FLOPs
 ideal is a fair yardstick for the executor), ``pyramid`` (:func:`bench.cnn_early_exit`, VGG-style with
 max-pooling: its first stage costs far more time per FLOP than the others) or ``demo``
-(:func:`adaexit.models.wide_cnn`, untrained). The policy's thresholds are set on the inputs so that
+(:func:`adaexit.apps.fashion_mnist.models.wide_cnn`, untrained). The policy's thresholds are set on the inputs so that
 about 50% / 25% / 25% of the rows exit at exits 0 / 1 / 2. Speed, not accuracy, is measured, so the
 weights are random. Targets: adaexit >= 0.9 x ideal; the never-exit policy <= 3% over the plain model.
 """

@@ -95,13 +95,13 @@ def _fresh_combination(calibration: torch.Tensor):
     """An untrained combination MLP -> small CNN -> early-exit wide CNN, thresholds at fixed fractions
     (``end_to_end.fresh_systems`` builds the other two systems); ``None`` without the demo's zoo."""
     try:
-        from adaexit.models import mlp, small_cnn, wide_cnn
+        from adaexit.apps.fashion_mnist.models import mlp, small_cnn, wide_cnn
     except ImportError:
         return None
     torch.manual_seed(1)
     model = Cascade([mlp(), small_cnn(), wide_cnn()], example_input=calibration[:1]).eval()
     model.set_policy(policy_for_fractions(model, calibration, COMBINATION_FRACTIONS))
-    return model, (f"fresh UNTRAINED models (adaexit.models: mlp -> small_cnn -> wide_cnn with exits); thresholds "
+    return model, (f"fresh UNTRAINED models (adaexit.apps.fashion_mnist.models: mlp -> small_cnn -> wide_cnn with exits); thresholds "
                    f"set so about {'/'.join(f'{f:.0%}' for f in COMBINATION_FRACTIONS)} of the rows exit at the "
                    "first exits")
 

@@ -5,7 +5,7 @@ at batch sizes from 1 to 1024 (issue 6).
 
 Models. With ``--source auto`` (default) the demo's trained networks are used when the demo has left
 them in its checkpoint cache, calibrated as the demo does (see :func:`demo_systems`); otherwise fresh,
-*untrained* models of the demo's architectures (:mod:`adaexit.models`) are built and their thresholds
+*untrained* models of the demo's architectures (:mod:`adaexit.apps.fashion_mnist.models`) are built and their thresholds
 set so that fixed fractions of the rows exit at each exit - speed, not accuracy, is measured then, and
 the output says so.
 Inputs are Fashion-MNIST test images when the dataset is installed, random images otherwise.
@@ -70,19 +70,19 @@ def demo_systems(cache=None, seed: int | None = None, epochs: int | None = None,
     """The demo's trained networks from its checkpoint cache, calibrated as the demo does, or ``None``.
 
     Reads the cache of ``python -m adaexit demo`` with its default settings (or the ones given): the
-    checkpoint names come from :func:`adaexit.demo.net_configs` and ``NetConfig.key``; the networks are
-    rebuilt from :data:`adaexit.models.ZOO` and loaded. Nothing is trained here: if any checkpoint is
+    checkpoint names come from :func:`adaexit.apps.fashion_mnist.demo.net_configs` and ``NetConfig.key``; the networks are
+    rebuilt from :data:`adaexit.apps.fashion_mnist.models.ZOO` and loaded. Nothing is trained here: if any checkpoint is
     missing, ``None``. The policies are then calibrated like the demo's, with
     :func:`adaexit.calibration.calibrate` on the same validation split at ``budget`` percentage points.
     Systems: ``early_exit`` (the wide CNN's exits), ``cascade`` (MLP -> small CNN -> wide CNN) and
     ``combination`` (MLP -> small CNN -> the wide early-exit CNN).
     """
     try:
-        from adaexit import demo
+        from adaexit.apps.fashion_mnist import demo
         from adaexit.calibration import calibrate
         from adaexit.cascade import Cascade
         from adaexit.data import load_fashion_mnist, train_val_split
-        from adaexit.models import ZOO, plain_network
+        from adaexit.apps.fashion_mnist.models import ZOO, plain_network
     except ImportError:
         return None
     # unspecified settings are the demo's own defaults, so its default cache is found
@@ -135,12 +135,12 @@ def fresh_systems(calibration: torch.Tensor) -> dict:
     from adaexit.cascade import Cascade
 
     try:
-        from adaexit.models import mlp, plain_network, small_cnn, wide_cnn
+        from adaexit.apps.fashion_mnist.models import mlp, plain_network, small_cnn, wide_cnn
 
         torch.manual_seed(0)
         early = wide_cnn()
         nets = [mlp(), small_cnn(), plain_network(wide_cnn())]
-        arch = "adaexit.models: wide_cnn; cascade mlp -> small_cnn -> wide_cnn"
+        arch = "adaexit.apps.fashion_mnist.models: wide_cnn; cascade mlp -> small_cnn -> wide_cnn"
     except ImportError:  # the demo's zoo is not there: the benchmark's own CNNs
         early = cnn_early_exit()
         nets = cascade_networks()

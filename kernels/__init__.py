@@ -12,40 +12,56 @@ with the same signature. This package re-exports the ops' public functions; the 
 * :func:`compact`      - keep the rows where ``keep`` is true, for any number of tensors.
 """
 
-from ._compile import CompileSpec
-from ._dispatch import backend_for, host_sync_count, interpreter_enabled
-from .ops import exit_gate as _exit_gate_op
-from .ops import gather_rows as _gather_rows_op
-from .ops import partition as _partition_op
-from .ops import scatter_rows as _scatter_rows_op
-from .ops.compact import compact, compact_torch
-from .ops.exit_gate import CRITERIA, exit_gate, exit_gate_torch
-from .ops.gather_rows import gather_rows, gather_rows_torch
-from .ops.partition import partition, partition_torch
-from .ops.scatter_rows import scatter_rows, scatter_rows_torch
+if __name__ == "kernels":
+    # This folder is ``adaexit.kernels`` and never a top-level package, but wherever the repository root is
+    # on ``sys.path`` (``python -m ...`` run from it) a bare ``import kernels`` finds it first. Hugging Face's
+    # own ``kernels`` package (which transformers >= 5.25 imports) must win: step aside and import whatever
+    # ``kernels`` the rest of ``sys.path`` holds, or fail exactly as if this folder were not there.
+    import importlib as _importlib
+    import os as _os
+    import sys as _sys
 
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _path = _sys.path[:]
+    _sys.path[:] = [p for p in _path if _os.path.abspath(p or _os.curdir) != _root]
+    del _sys.modules["kernels"]
+    try:
+        _sys.modules["kernels"] = _importlib.import_module("kernels")
+    finally:
+        _sys.path[:] = _path
+else:
+    from ._compile import CompileSpec
+    from ._dispatch import backend_for, host_sync_count, interpreter_enabled
+    from .ops import exit_gate as _exit_gate_op
+    from .ops import gather_rows as _gather_rows_op
+    from .ops import partition as _partition_op
+    from .ops import scatter_rows as _scatter_rows_op
+    from .ops.compact import compact, compact_torch
+    from .ops.exit_gate import CRITERIA, exit_gate, exit_gate_torch
+    from .ops.gather_rows import gather_rows, gather_rows_torch
+    from .ops.partition import partition, partition_torch
+    from .ops.scatter_rows import scatter_rows, scatter_rows_torch
 
-def all_specs() -> list[CompileSpec]:
-    """Every representative launch of every kernel in the package (for the ahead-of-time compile check;
-    ``compact`` has no kernel of its own: it is partition + gather_rows)."""
-    ops = (_exit_gate_op, _partition_op, _gather_rows_op, _scatter_rows_op)
-    return [spec for module in ops for spec in module.COMPILE_SPECS]
+    def all_specs() -> list[CompileSpec]:
+        """Every representative launch of every kernel in the package (for the ahead-of-time compile check;
+        ``compact`` has no kernel of its own: it is partition + gather_rows)."""
+        ops = (_exit_gate_op, _partition_op, _gather_rows_op, _scatter_rows_op)
+        return [spec for module in ops for spec in module.COMPILE_SPECS]
 
-
-__all__ = [
-    "CRITERIA",
-    "all_specs",
-    "backend_for",
-    "compact",
-    "compact_torch",
-    "exit_gate",
-    "exit_gate_torch",
-    "gather_rows",
-    "gather_rows_torch",
-    "host_sync_count",
-    "interpreter_enabled",
-    "partition",
-    "partition_torch",
-    "scatter_rows",
-    "scatter_rows_torch",
-]
+    __all__ = [
+        "CRITERIA",
+        "all_specs",
+        "backend_for",
+        "compact",
+        "compact_torch",
+        "exit_gate",
+        "exit_gate_torch",
+        "gather_rows",
+        "gather_rows_torch",
+        "host_sync_count",
+        "interpreter_enabled",
+        "partition",
+        "partition_torch",
+        "scatter_rows",
+        "scatter_rows_torch",
+    ]

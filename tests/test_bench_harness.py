@@ -252,10 +252,9 @@ def test_end_to_end_report_structure(tmp_path, capsys):
 def test_end_to_end_reads_the_demo_cache(tmp_path):
     """The demo's checkpoints (here: untrained networks saved under the demo's names) are loaded and
     calibrated; with nothing cached the reader says so by returning None."""
-    pytest.importorskip("adaexit.demo")
-    from adaexit import demo
+    from adaexit.apps.fashion_mnist import demo
     from adaexit.data import load_fashion_mnist
-    from adaexit.models import ZOO
+    from adaexit.apps.fashion_mnist.models import ZOO
 
     from bench import end_to_end
 

@@ -15,22 +15,18 @@ from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy
 from adaexit.base import standalone_costs
-from adaexit.calibration import (
+from adaexit.calibration import CalibrationPoint, calibrate
+from adaexit.calibration.thresholds import TIE_TOL, ChainSearch, refine_thresholds, uniform_thresholds
+from adaexit.evaluation import oracle, pareto_frontier
+from adaexit.policies.learned import fit_learned_gates
+from adaexit.simulation import (
     CONFIDENCE_CRITERIA,
-    TIE_TOL,
-    CalibrationPoint,
-    uniform_thresholds,
-    calibrate,
     exit_scores,
-    fit_learned_gates,
+    full_cost,
     learned_scores,
     learned_thresholds,
-    oracle,
-    pareto_frontier,
-    full_cost,
     simulate,
 )
-from adaexit.calibration.thresholds import ChainSearch, refine_thresholds
 from adaexit.data import make_loader
 from adaexit.evaluation import ExitOutputs, collect
 from adaexit.simulation import budget_losses

@@ -12,19 +12,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy
-from adaexit.cascade import (
-    Cascade,
-    NetworkSelectionPolicy,
-    RoutingPolicy,
-    cascade_frontier,
-    cascade_oracle,
-    collect_outputs,
-    evaluate_policy,
-    frontier_table,
-    plot_frontier,
-    prob_features,
-)
-from adaexit.calibration import calibrate, full_cost
+from adaexit.cascade import Cascade, NetworkSelectionPolicy
+from adaexit.evaluation import cascade_oracle, collect, evaluate_policy, frontier_table, policy_frontier
+from adaexit.policies import RoutingPolicy
+from adaexit.reports import plot_frontier
+from adaexit.simulation import prob_features
+from adaexit.calibration import calibrate
+from adaexit.simulation import full_cost
 from adaexit.calibration.thresholds import ChainSearch, route_options
 from adaexit.cost import chain_flops, count_flops
 from adaexit.kernels import _dispatch
@@ -441,11 +435,11 @@ def test_frontier_table_and_plot(tmp_path):
     with torch.no_grad():
         y = c.models[2](x).argmax(1)  # labels the big network gets right
     sweep = [(t, ConfidencePolicy("maxprob", [t, t])) for t in (0.3, 0.6, 0.9)]
-    points = cascade_frontier(c, (x, y), {"confidence": sweep})
+    points = policy_frontier(c, (x, y), {"confidence": sweep})
     methods = [p.method for p in points]
     assert methods.count("single network") == 3 and methods.count("oracle") == 1 and methods.count("confidence") == 3
     singles = [p for p in points if p.method == "single network"]
-    outputs = collect_outputs(c, (x, y))
+    outputs = collect(c, (x, y))
     assert [p.accuracy for p in singles] == pytest.approx(outputs.node_accuracy())
     assert singles[2].accuracy == 1.0
     # each policy point agrees with a direct sparse run
@@ -480,7 +474,7 @@ def test_network_selection_routes_easy_early_and_hard_past_the_middle(task):
     x, y, _ = task["train"]
     xt, yt, hard = task["test"]
     c = Cascade(task["models"]).eval()
-    outputs = collect_outputs(c, (x, y))
+    outputs = collect(c, (x, y))
     assert outputs.node_accuracy()[2] > 0.97 > 0.8 > outputs.node_accuracy()[1]  # the task is as designed
     policy = NetworkSelectionPolicy().fit(c, outputs, lam=0.05)
     c.set_policy(policy)
@@ -518,7 +512,7 @@ def test_network_selection_bad_arguments(task):
 
 
 def test_calibrate_works_on_a_cascade(task):
-    calibration = pytest.importorskip("adaexit.calibration", reason="adaexit.calibration (issue 3) not in this tree")
+    from adaexit import calibration
     x, y, _ = task["train"]
     xt, yt, _ = task["test"]
     c = Cascade(task["models"]).eval()
@@ -613,7 +607,7 @@ def test_a_fitted_network_selection_simulates_exactly(kind):
     with torch.no_grad():
         y = torch.stack(c.exit_logits(x))[-1].argmax(1)  # the last node is right by construction
     y = torch.where(torch.rand(600, generator=torch.Generator().manual_seed(1)) < 0.1, (y + 1) % CLASSES, y)
-    outputs = collect_outputs(c, (x, y))
+    outputs = collect(c, (x, y))
     seen = set()
     for lam in (0.01, 0.3, 3.0, 30.0):
         policy = NetworkSelectionPolicy().fit(c, outputs, lam, loss=budget_losses(outputs.correct, "new_errors"))
@@ -647,7 +641,7 @@ def test_offsets_move_exactly_the_exit_and_skip_decisions():
     non-exiting rows whose skip margin crosses u (calibrate's exact refinement of selection)."""
     c = build("networks")
     x = inputs(400, seed=3)
-    outputs = collect_outputs(c, (x, torch.randint(0, CLASSES, (400,), generator=torch.Generator().manual_seed(0))))
+    outputs = collect(c, (x, torch.randint(0, CLASSES, (400,), generator=torch.Generator().manual_seed(0))))
     policy = NetworkSelectionPolicy().fit(c, outputs, 0.1)
     routes = policy.routes(outputs.logits)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from adaexit import demo
+from adaexit.apps.fashion_mnist import demo
 from adaexit.data import DEFAULT_DIR
 
 REAL = DEFAULT_DIR / "train-images-idx3-ubyte.gz"
@@ -98,7 +98,7 @@ def test_time_passes_reports_the_median_of_interleaved_repeats():
 
 def test_zoo_costs_increase_and_the_plain_network_is_the_last_exit():
     from adaexit.cost import count_flops
-    from adaexit.models import mlp, plain_network, small_cnn, wide_cnn
+    from adaexit.apps.fashion_mnist.models import mlp, plain_network, small_cnn, wide_cnn
 
     x = torch.randn(5, 1, 28, 28)
     nets = [mlp().eval(), small_cnn().eval(), wide_cnn().eval()]

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from adaexit import ConfidencePolicy
-from adaexit.calibration import (
-    ALWAYS_FIRE,
-    exit_statistics,
-    fit_learned_gates,
-    learned_scores,
-    learned_thresholds,
-    simulate,
-)
+from adaexit.policies.learned import ALWAYS_FIRE, fit_learned_gates
+from adaexit.simulation import exit_statistics, learned_scores, learned_thresholds, simulate
 from adaexit.policies import LearnedPolicy
 from adaexit.policies.learned import learned_simulation
 from helpers import mlp_net

@@ -87,19 +87,19 @@ def test_patience_nan_rows_never_exit_early_and_the_last_exit_fires():
     assert bool((exit_index == last).all())
 
 
-def test_patience_saved_under_the_old_meaning_is_converted_with_a_warning():
+def test_patience_round_trips_through_the_state_dict():
     model, x = model_and_inputs(PatiencePolicy(2))
     state = model.state_dict()
-    assert state["policy._extra_state"] == {"policy": "PatiencePolicy", "patience": 2, "semantics": "pabee"}
-    old = dict(state, **{"policy._extra_state": {"policy": "PatiencePolicy", "patience": 3}})  # 0.1 counted exit 0
+    assert state["policy._extra_state"] == {"policy": "PatiencePolicy", "patience": 2}
     fresh, _ = model_and_inputs(None)
-    with pytest.warns(UserWarning, match="saved patience=3 counted the first exit.*patience=2"):
-        fresh.load_state_dict(old)
-    assert isinstance(fresh.policy, PatiencePolicy) and fresh.policy.patience == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fresh.load_state_dict(state)  # the current format loads silently
+        fresh.load_state_dict(state)  # loads silently
+    assert isinstance(fresh.policy, PatiencePolicy) and fresh.policy.patience == 2
     assert torch.equal(run(fresh, x)[2], run(model, x)[2])
+    bad = dict(state, **{"policy._extra_state": {"policy": "PatiencePolicy", "patience": -1}})
+    with pytest.raises(ValueError, match="patience"):
+        fresh.load_state_dict(bad)
     with pytest.raises(ValueError, match="patience"):
         PatiencePolicy(-1)
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy
-from adaexit.cascade import Cascade, SelectorPolicy, evaluate_policy, train_reinforce
+from adaexit.cascade import Cascade, SelectorPolicy, train_reinforce
+from adaexit.evaluation import evaluate_policy
 from adaexit.heads import LogitsHead
 from helpers import accuracy, easy_hard, fit
 

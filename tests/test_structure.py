@@ -21,9 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Where each package's source lives (pyproject's [tool.setuptools.package-dir]): adaexit.kernels is kernels/.
 PACKAGE_DIRS = {"adaexit": ROOT / "adaexit", "adaexit.kernels": ROOT / "kernels"}
 APPS = "adaexit.apps"
-# Compatibility aliases of moved application modules (each replaces itself in sys.modules by its new
-# home): allowed to import adaexit.apps, never to be imported by the library.
-ALIASES = {"adaexit.models": "adaexit.apps.fashion_mnist.models", "adaexit.demo": "adaexit.apps.fashion_mnist.demo"}
 # Entry points sit on top of everything: the CLI's ``demo`` command is the application's main job.
 ENTRY_POINTS = {"adaexit.__main__"}
 ADAPTIVE_MODELS = [
@@ -182,7 +179,6 @@ def test_the_graph_covers_the_package(modules, graph):
     assert "adaexit.base" in graph["adaexit.early_exit"]  # from .base import AdaptiveModel
     assert "adaexit.kernels._dispatch" in graph["adaexit.executor"]  # from .kernels._dispatch import to_host
     assert "adaexit.kernels" in graph["adaexit.executor"]  # ... and the package it lives in
-    assert "adaexit.apps.fashion_mnist.demo" in graph["adaexit.demo"]  # from .apps.fashion_mnist import demo
 
 
 def test_import_graph_has_no_cycle(modules, graph):
@@ -192,26 +188,17 @@ def test_import_graph_has_no_cycle(modules, graph):
 
 
 def test_the_application_sits_on_top_of_the_library(modules, graph):
-    """Only the application itself, its compatibility aliases and the CLI import ``adaexit.apps``; nothing
-    in the library imports the aliases."""
+    """Only the application itself and the CLI import ``adaexit.apps``."""
     wrong = []
     for module, edges in graph.items():
         for target, line in edges.items():
             where = f"{_where(modules[module][0])}:{line}"
             in_app = module == APPS or module.startswith(APPS + ".")
             if (target == APPS or target.startswith(APPS + ".")) and not (
-                in_app or module in ALIASES or module in ENTRY_POINTS
+                in_app or module in ENTRY_POINTS
             ):
                 wrong.append(f"{where}: {module} imports the application ({target})")
-            if target in ALIASES and not in_app:
-                wrong.append(f"{where}: {module} imports the alias {target}; import {ALIASES[target]}")
     assert not wrong, "\n".join(wrong)
-
-
-def test_aliases_point_at_the_application(modules, graph):
-    for alias, home in ALIASES.items():
-        assert alias in modules and home in modules
-        assert home in graph[alias], f"{alias} should alias {home}"
 
 
 # The checker itself: it must find what it is there to find.
@@ -332,3 +319,30 @@ def test_every_module_imports_first(modules):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "", "modules that fail when imported first:\n" + result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels/ is adaexit.kernels, never a top-level ``kernels`` (Hugging Face's package of that name, which
+# transformers >= 5.25 imports, must win even when the repository root is on sys.path)
+# ---------------------------------------------------------------------------------------------
+def _run_from_root(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_kernels_folder_never_shadows_a_top_level_kernels_package():
+    probe = _run_from_root(
+        "import sys, adaexit.kernels\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('absent')\n"
+        "else:\n    print(kernels.__file__)\n"
+        "print(adaexit.kernels.__file__)\n"
+    )
+    assert probe.returncode == 0, probe.stderr
+    top, ours = probe.stdout.split()
+    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
+    assert top == "absent" or not Path(top).resolve().is_relative_to(ROOT / "kernels"), top
+
+
+def test_transformers_imports_from_the_repository_root():
+    pytest.importorskip("transformers", reason="transformers (adaexit[hf]) is not installed")
+    probe = _run_from_root("from transformers import BertForSequenceClassification; import adaexit")
+    assert probe.returncode == 0, probe.stderr

@@ -408,13 +408,6 @@ def test_candidates_and_picks(resnet):
     assert all(c.layout == "nchw" for c in cands) and cands[2].feature_dim == 128
 
 
-def test_adapters_alias_still_imports():
-    from adaexit.adapters import wrap as old_wrap
-    from adaexit.wrappers.fx import wrap as fx_wrap
-
-    assert old_wrap is fx_wrap
-
-
 # ---------------------------------------------------------------------------------------------
 # Review findings: side effects, train-mode code, layouts, dtypes, arguments
 # ---------------------------------------------------------------------------------------------

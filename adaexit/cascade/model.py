@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import AdaptiveModel, ExitInfo
+from ..base import AdaptiveModel
 from ..cost import eval_mode
 from ..early_exit import EarlyExitNet
 from ..executor import CARRY, SOURCE, Node, validate_graph
@@ -65,7 +65,7 @@ class Cascade(AdaptiveModel):
 
     ``train()`` forward returns every node's logits (a list, dense). ``eval()`` forward runs sparse
     execution and returns ``[N, classes]`` in the original row order; ``forward(x, return_info=True)``
-    also returns a :class:`CascadeInfo`.
+    also returns an :class:`~adaexit.ExitInfo` (node numbering; ``node_names`` names the nodes).
     """
 
     def __init__(self, models, policy: Policy | None = None, *, example_input: torch.Tensor | None = None):
@@ -169,6 +169,3 @@ class Cascade(AdaptiveModel):
                 self._probe_empty(x)
         return x
 
-
-#: The info of a cascade forward (node numbering; ``node_names`` names the nodes).
-CascadeInfo = ExitInfo

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -88,12 +87,7 @@ class PatiencePolicy(Policy):
 
     Rows whose logits are not finite never agree (their counter resets) and never exit early.
     The counter and the previous prediction travel with the surviving rows.
-
-    A state saved by adaexit < 0.2, whose ``patience`` counted the first exit too (its ``p`` is PABEE's
-    ``p - 1``), is converted on load, with a warning.
     """
-
-    SEMANTICS = "pabee"
 
     def __init__(self, patience: int = 1):
         super().__init__()
@@ -118,22 +112,13 @@ class PatiencePolicy(Policy):
         return logits, exit_mask, {"patience_prev": torch.where(finite, pred, -1), "patience_count": count}
 
     def settings(self):
-        return {"patience": self.patience, "semantics": self.SEMANTICS}
+        return {"patience": self.patience}
 
     def load_settings(self, settings):
-        patience = int(settings["patience"])
-        if settings.get("semantics") != self.SEMANTICS:
-            # Saved before PABEE's semantics: that patience counted the first exit as one agreement.
-            converted = patience - 1
-            warnings.warn(
-                f"PatiencePolicy: the saved patience={patience} counted the first exit (adaexit < 0.2); "
-                f"loaded as PABEE's patience={converted}, which makes the same decisions",
-                stacklevel=2,
-            )
-            patience = converted
-        if patience < 0:
-            raise ValueError(f"PatiencePolicy: the saved patience must be >= 0, got {patience}")
-        self.patience = patience
+        patience = settings["patience"]
+        if isinstance(patience, bool) or int(patience) != patience or int(patience) < 0:
+            raise ValueError(f"PatiencePolicy: the saved patience must be an integer >= 0, got {patience}")
+        self.patience = int(patience)
 
     def extra_repr(self) -> str:
         return f"patience={self.patience}"

@@ -359,11 +359,9 @@ def _layers(model, family: Family) -> tuple[str, nn.ModuleList]:
 
 def _exit_positions(model, family: Family, exits: Sequence[str]) -> list[int]:
     path, layers = _layers(model, family)
-    aliases = {f"vit.encoder.layer.{i}": f"vit.layers.{i}" for i in range(len(layers))}  # transformers 4.x names
     positions = []
     valid = [f"{path}.{i}" for i in range(len(layers) - 1)]
     for name in exits:
-        name = aliases.get(name, name)
         if not name.startswith(path + ".") or not name[len(path) + 1:].isdigit():
             raise ValueError(
                 f"wrap: {name!r} is not an encoder layer of {type(model).__name__}; exits go after layers "

@@ -4,7 +4,7 @@ The flow:
 
 1. **Data.** Fashion-MNIST from local IDX files (:mod:`adaexit.data`); a stratified validation split
    (5000 images, fixed seed) is held out of the 60000 training images. Nothing is downloaded.
-2. **Train** (cached): an MLP, a small CNN and a wide early-exit CNN (:mod:`adaexit.models`); the wide
+2. **Train** (cached): an MLP, a small CNN and a wide early-exit CNN (:mod:`.models`); the wide
    CNN's exits are trained jointly with :class:`~adaexit.training.MultiExitLoss`. Checkpoints go to
    ``--cache``; a rerun with the same settings loads them and skips training.
 3. **Pick the strongest single network** -- the most accurate one *on the validation split* (every
@@ -51,7 +51,8 @@ from torch import nn
 
 from ...base import AdaptiveModel
 from ...stream import stream
-from ...calibration import DROP_MEASURES, calibrate
+from ...calibration import calibrate
+from ...calibration.calibrate import DROP_MEASURES
 from ...cascade import Cascade
 from ...cost import count_flops, interleaved_times, machine_info
 from ...data import load_fashion_mnist, make_loader, train_val_split
@@ -69,7 +70,7 @@ class NetConfig:
     """How one network is built and trained (everything here goes into its cache key)."""
 
     name: str
-    builder: str  # key of adaexit.models.ZOO
+    builder: str  # key of models.ZOO
     size: int  # hidden width (MLP) or base channel width (CNNs)
     epochs: int
     lr: float
@@ -81,7 +82,7 @@ class NetConfig:
 
     def key(self, data_tag: str, seed: int) -> str:
         """Cache key: the settings, the data, the seed and the architecture (the network's repr,
-        so a change of stride or width in :mod:`adaexit.models` never reloads a stale checkpoint)."""
+        so a change of stride or width in :mod:`.models` never reloads a stale checkpoint)."""
         arch = repr(_build(self))
         blob = json.dumps({**asdict(self), "data": data_tag, "seed": seed, "arch": arch, "v": 1}, sort_keys=True)
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -526,7 +527,7 @@ def _clean(obj):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m adaexit.demo``)."""
+    """Stand-alone entry point (``python -m adaexit.apps.fashion_mnist.demo``)."""
     parser = add_arguments(argparse.ArgumentParser(prog="adaexit demo", description=__doc__.split("\n")[0]))
     return run(parser.parse_args(argv))
 
