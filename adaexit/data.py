@@ -166,14 +166,16 @@ def train_val_split(x: torch.Tensor, y: torch.Tensor, val_size: int | float = 50
 
 
 def to_device(x, device):
-    """``x`` on ``device``: a tensor, a mapping of tensors (a tokenizer's output) or any object with
-    ``.to(device)``; ``device=None`` leaves it where it is."""
+    """``x`` on ``device``: a tensor, a mapping or tuple of tensors (a tokenizer's output; labels with
+    a teacher's logits) or any object with ``.to(device)``; ``device=None`` leaves it where it is."""
     if device is None:
         return x
     if hasattr(x, "to"):  # tensors, a tokenizer's BatchEncoding, RowBatch inputs
         return x.to(device)
     if isinstance(x, Mapping):
         return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, tuple):  # row-aligned targets: (labels, teacher logits)
+        return tuple(to_device(v, device) for v in x)
     return x
 
 
@@ -214,7 +216,8 @@ class TensorLoader:
     permutation per pass from a generator seeded once, so runs are reproducible.
 
     Args:
-        x, y: inputs and labels with the same number of rows.
+        x, y: inputs and labels with the same number of rows; ``y`` may be a tuple of row-aligned
+            tensors (labels and a teacher's logits, for distillation), yielded as a tuple.
         batch_size: rows per batch (the last batch may be smaller unless ``drop_last``).
         shuffle: reshuffle at every pass.
         seed: seed of the shuffling generator.
@@ -222,8 +225,10 @@ class TensorLoader:
     """
 
     def __init__(self, x, y, batch_size=128, shuffle=True, seed=0, drop_last=False):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        for k, t in enumerate(y if isinstance(y, tuple) else (y,)):
+            if t.shape[0] != x.shape[0]:
+                name = f"y[{k}]" if isinstance(y, tuple) else "y"
+                raise ValueError(f"x has {x.shape[0]} rows but {name} has {t.shape[0]}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.x, self.y = x, y
@@ -239,13 +244,14 @@ class TensorLoader:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min(n, (b + 1) * self.batch_size)
-            if order is None:
-                yield self.x[lo:hi], self.y[lo:hi]
+            rows = slice(lo, hi) if order is None else order[lo:hi]
+            if isinstance(self.y, tuple):
+                yield self.x[rows], tuple(t[rows] for t in self.y)
             else:
-                idx = order[lo:hi]
-                yield self.x[idx], self.y[idx]
+                yield self.x[rows], self.y[rows]
 
 
-def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
-    """A :class:`TensorLoader` over ``(x, y)`` (deterministic shuffling with ``seed``)."""
+def make_loader(x: torch.Tensor, y, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
+    """A :class:`TensorLoader` over ``(x, y)`` (deterministic shuffling with ``seed``); ``y``: labels, or
+    a tuple ``(labels, teacher_logits)`` for :class:`~adaexit.training.MultiExitLoss`'s distillation."""
     return TensorLoader(x, y, batch_size=batch_size, shuffle=shuffle, seed=seed)

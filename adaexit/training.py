@@ -8,7 +8,11 @@ list of every exit's logits. :class:`MultiExitLoss` turns that list into one sca
 where ``w`` comes from a *weighting schedule* (mean weight 1, so the learning rate means the same
 thing whatever the schedule), ``a = distill`` is the self-distillation share for the early exits and
 ``z_K`` is the last exit's logits, detached (the teacher is never pulled towards its students). The
-last exit always gets plain cross-entropy.
+last exit then gets plain cross-entropy. When the targets carry an outside teacher's logits
+(``(labels, teacher_logits)``, e.g. from :func:`teacher_logits`), every exit, the last included,
+distils from those instead (knowledge distillation, Hinton et al. 2015): this is how the cheap
+members of a cascade learn to agree with the strongest network, which is what lets more rows leave
+them within an accuracy budget measured against it.
 
 Weighting schedules are small stateful objects (one call per training step) so other modules can
 reuse them (the anytime-prediction module imports :class:`OscillatingWeighting` and
@@ -242,19 +246,30 @@ class MultiExitLoss(nn.Module):
         self.distill, self.temperature, self.label_smoothing = float(distill), float(temperature), label_smoothing
         self.last: dict[str, torch.Tensor] = {}
 
-    def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, outputs, target) -> torch.Tensor:
+        """``target``: labels ``[N]``, or ``(labels, teacher_logits [N, C])`` to distil every exit from an
+        outside teacher (needs ``distill > 0``)."""
         if isinstance(outputs, torch.Tensor):
             outputs = [outputs]
         outputs = list(outputs)
         if len(outputs) != self.num_exits:
             raise ValueError(f"MultiExitLoss expects {self.num_exits} exit outputs, got {len(outputs)}")
+        labels, teacher = split_target(target)
+        if teacher is not None and self.distill == 0:
+            raise ValueError("MultiExitLoss: the targets carry teacher logits but distill=0; set distill > 0")
         ce = torch.stack(
-            [F.cross_entropy(z.float(), target, label_smoothing=self.label_smoothing) for z in outputs]
+            [F.cross_entropy(z.float(), labels, label_smoothing=self.label_smoothing) for z in outputs]
         )
         weights = self.weighting(ce.detach()).to(ce.device)
         per_exit = ce
         kd = torch.zeros_like(ce)
-        if self.distill > 0 and self.num_exits > 1:
+        if teacher is not None:
+            if teacher.shape != outputs[-1].shape:
+                raise ValueError(f"MultiExitLoss: teacher logits {tuple(teacher.shape)} do not match the "
+                                 f"exits' logits {tuple(outputs[-1].shape)}")
+            kd = torch.stack([distillation_kl(z, teacher, self.temperature) for z in outputs])
+            per_exit = (1 - self.distill) * ce + self.distill * kd
+        elif self.distill > 0 and self.num_exits > 1:
             teacher = outputs[-1]
             kd = torch.stack(
                 [distillation_kl(z, teacher, self.temperature) for z in outputs[:-1]] + [ce.new_zeros(())]
@@ -264,6 +279,28 @@ class MultiExitLoss(nn.Module):
             per_exit = (1 - mix) * ce + mix * kd
         self.last = {"ce": ce.detach(), "weights": weights.detach(), "distill": kd.detach()}
         return (weights * per_exit).sum()
+
+
+def split_target(target) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(labels, teacher_logits or None)`` from a batch's targets: labels, or ``(labels, teacher_logits)``."""
+    if isinstance(target, (tuple, list)):
+        if len(target) != 2:
+            raise ValueError(f"targets must be labels or (labels, teacher_logits), got a {len(target)}-tuple")
+        return target[0], target[1]
+    return target, None
+
+
+@torch.inference_mode()
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The teacher's eval-mode logits on every row of ``x`` (fp32, ``[N, C]``), computed once so that
+    distillation costs the students nothing per epoch (no augmentation: the inputs never change)."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        out = [teacher(x[i : i + batch_size]).float() for i in range(0, x.shape[0], batch_size)]
+    finally:
+        teacher.train(was_training)
+    return torch.cat(out).clone()
 
 
 # -- training loops -------------------------------------------------------------------------------
@@ -337,9 +374,10 @@ def _fit(
             for step, (x, y) in enumerate(loader):
                 if max_steps is not None and step >= max_steps:
                     break
-                x, y = to_device(x, device), y.to(device, non_blocking=True)
+                x, target = to_device(x, device), to_device(y, device)
+                y = split_target(target)[0]
                 outputs = _as_list(model(x))
-                loss = loss_fn(outputs, y)
+                loss = loss_fn(outputs, target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step}")
                 opt.zero_grad(set_to_none=True)
@@ -444,6 +482,8 @@ def train_classifier(
     lr: float = 1e-3,
     *,
     label_smoothing: float = 0.0,
+    distill: float = 0.0,
+    temperature: float = 3.0,
     optimizer: str = "adam",
     weight_decay: float = 5e-4,
     schedule: str = "cosine",
@@ -452,8 +492,12 @@ def train_classifier(
     device=None,
     desc: str = "train",
 ) -> dict:
-    """Train a single network (``model(x) -> logits``) with cross-entropy; same options as :func:`train`."""
-    loss = MultiExitLoss(1, label_smoothing=label_smoothing)
+    """Train a single network (``model(x) -> logits``) with cross-entropy; same options as :func:`train`.
+
+    To distil from a teacher, let ``loader`` yield ``(x, (labels, teacher_logits))`` (e.g.
+    ``make_loader(x, (y, teacher_logits(teacher, x)))``) and set ``distill`` (the KL share) and
+    ``temperature``; see :class:`MultiExitLoss`."""
+    loss = MultiExitLoss(1, distill=distill, temperature=temperature, label_smoothing=label_smoothing)
     return _fit(
         model, loader, epochs, lr, loss, params=model.parameters(), frozen=None, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, max_steps=max_steps, progress=progress,

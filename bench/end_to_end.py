@@ -42,7 +42,7 @@ from . import (
 from .baselines import adaexit, batch1_loop, masked_dense, plain
 
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256, 1024)
-EARLY_EXIT_FRACTIONS = (0.5, 0.25)  # fresh models: exits 0 / 1, the last exit takes the rest
+EARLY_EXITING = 0.75  # fresh models: share of the rows leaving at the early exits (split evenly); the last takes the rest
 CASCADE_FRACTIONS = (0.5, 0.25)
 
 
@@ -70,19 +70,19 @@ def demo_systems(cache=None, seed: int | None = None, epochs: int | None = None,
     """The demo's trained networks from its checkpoint cache, calibrated as the demo does, or ``None``.
 
     Reads the cache of ``python -m adaexit demo`` with its default settings (or the ones given): the
-    checkpoint names come from :func:`adaexit.apps.fashion_mnist.demo.net_configs` and ``NetConfig.key``; the networks are
-    rebuilt from :data:`adaexit.apps.fashion_mnist.models.ZOO` and loaded. Nothing is trained here: if any checkpoint is
+    checkpoint names come from :func:`adaexit.apps.fashion_mnist.recipe.checkpoint_paths`; the networks are
+    rebuilt and loaded by :func:`adaexit.apps.fashion_mnist.recipe.load_checkpoint`. Nothing is trained here: if any checkpoint is
     missing, ``None``. The policies are then calibrated like the demo's, with
     :func:`adaexit.calibration.calibrate` on the same validation split at ``budget`` percentage points.
     Systems: ``early_exit`` (the wide CNN's exits), ``cascade`` (MLP -> small CNN -> wide CNN) and
     ``combination`` (MLP -> small CNN -> the wide early-exit CNN).
     """
     try:
-        from adaexit.apps.fashion_mnist import demo
+        from adaexit.apps.fashion_mnist import demo, recipe
         from adaexit.calibration import calibrate
         from adaexit.cascade import Cascade
         from adaexit.data import load_fashion_mnist, train_val_split
-        from adaexit.apps.fashion_mnist.models import ZOO, plain_network
+        from adaexit.apps.fashion_mnist.models import plain_network
     except ImportError:
         return None
     # unspecified settings are the demo's own defaults, so its default cache is found
@@ -93,20 +93,14 @@ def demo_systems(cache=None, seed: int | None = None, epochs: int | None = None,
     val_size = defaults.val_size if val_size is None else val_size
     budget = defaults.budget if budget is None else budget
     try:
-        configs = demo.net_configs(epochs, False, train_batch_size)
-        cache = Path(cache).expanduser() if cache else demo.default_cache()
+        configs = recipe.net_configs(epochs, False, train_batch_size)
+        cache = Path(cache).expanduser() if cache else recipe.default_cache()
         x_all, y_all = load_fashion_mnist("train")
-        data_tag = f"fmnist-train{x_all.shape[0] - val_size}-val{val_size}-split{seed}"  # as the demo names it
-        paths = {cfg.name: cache / f"{cfg.key(data_tag, seed)}.pt" for cfg in configs}
+        x_train, y_train, x_val, y_val = train_val_split(x_all, y_all, val_size, seed=seed)
+        paths = recipe.checkpoint_paths(configs, cache, x_train, y_train, seed)  # as the demo names them
         if not all(path.is_file() for path in paths.values()):
             return None
-        nets = {}
-        for cfg in configs:
-            net = ZOO[cfg.builder](cfg.size)
-            checkpoint = torch.load(paths[cfg.name], map_location="cpu", weights_only=False)
-            demo.load_weights(net, checkpoint["state_dict"], paths[cfg.name])
-            nets[cfg.name] = net.eval()
-        _, _, x_val, y_val = train_val_split(x_all, y_all, val_size, seed=seed)
+        nets = {cfg.name: recipe.load_checkpoint(cfg, paths[cfg.name])[0] for cfg in configs}
     except (AttributeError, KeyError, TypeError, ValueError, OSError, RuntimeError):
         return None  # the demo's cache layout is not what this reader expects
     wide = nets["wide_cnn"]
@@ -147,11 +141,12 @@ def fresh_systems(calibration: torch.Tensor) -> dict:
         arch = "bench CNNs"
     early.eval()
     cascade = Cascade(nets, example_input=calibration[:1]).eval()
-    early.set_policy(policy_for_fractions(early, calibration, EARLY_EXIT_FRACTIONS))
+    early_fractions = [EARLY_EXITING / (early.num_exits - 1)] * (early.num_exits - 1)
+    early.set_policy(policy_for_fractions(early, calibration, early_fractions))
     cascade.set_policy(policy_for_fractions(cascade, calibration, CASCADE_FRACTIONS))
     note = (
         f"fresh UNTRAINED models ({arch}); thresholds set so about "
-        f"{'/'.join(f'{f:.0%}' for f in EARLY_EXIT_FRACTIONS)} of the rows exit at the early exits"
+        f"{'/'.join(f'{f:.0%}' for f in early_fractions)} of the rows exit at the early exits"
     )
     return {"early_exit": (early, note), "cascade": (cascade, note)}
 

@@ -252,23 +252,23 @@ def test_end_to_end_report_structure(tmp_path, capsys):
 def test_end_to_end_reads_the_demo_cache(tmp_path):
     """The demo's checkpoints (here: untrained networks saved under the demo's names) are loaded and
     calibrated; with nothing cached the reader says so by returning None."""
-    from adaexit.apps.fashion_mnist import demo
-    from adaexit.data import load_fashion_mnist
-    from adaexit.apps.fashion_mnist.models import ZOO
+    from adaexit.apps.fashion_mnist import demo, recipe
+    from adaexit.data import load_fashion_mnist, train_val_split
 
     from bench import end_to_end
 
     try:
-        x_all, _ = load_fashion_mnist("train")
+        x_all, y_all = load_fashion_mnist("train")
     except (FileNotFoundError, ValueError, OSError):
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     val_size, seed = 64, 0
     assert end_to_end.demo_systems(tmp_path, seed=seed, val_size=val_size) is None  # empty cache
-    data_tag = f"fmnist-train{x_all.shape[0] - val_size}-val{val_size}-split{seed}"
+    x_train, y_train, _, _ = train_val_split(x_all, y_all, val_size, seed=seed)
     defaults = demo.add_arguments(argparse.ArgumentParser()).parse_args([])  # the reader's defaults
-    for cfg in demo.net_configs(defaults.epochs, False, defaults.train_batch_size):
-        net = ZOO[cfg.builder](cfg.size)
-        torch.save({"state_dict": net.state_dict(), "record": {}}, tmp_path / f"{cfg.key(data_tag, seed)}.pt")
+    configs = recipe.net_configs(defaults.epochs, False, defaults.train_batch_size)
+    paths = recipe.checkpoint_paths(configs, tmp_path, x_train, y_train, seed)
+    for cfg in configs:
+        torch.save({"state_dict": recipe.build(cfg).state_dict(), "record": {}}, paths[cfg.name])
     systems = end_to_end.demo_systems(tmp_path, seed=seed, val_size=val_size)
     assert systems is not None and set(systems) == {"early_exit", "cascade", "combination"}
     for model, note in systems.values():

@@ -14,6 +14,7 @@ from adaexit.data import (
     STD,
     TensorLoader,
     load_fashion_mnist,
+    make_loader,
     read_idx,
     train_val_split,
 )
@@ -191,3 +192,16 @@ def test_batches_reads_tensor_pairs_and_iterables_alike():
         list(batches(42))
     with pytest.raises(ValueError, match="iterable of \\(x, y\\) batches"):
         list(batches([x]))
+
+
+def test_tensor_loader_carries_row_aligned_targets_together():
+    """``y`` as a tuple (labels, teacher logits): every batch's parts belong to the same rows."""
+    x = torch.arange(10.0).unsqueeze(1)
+    labels, logits = torch.arange(10), torch.arange(10.0).unsqueeze(1) * 2
+    seen = []
+    for xb, (yb, zb) in make_loader(x, (labels, logits), batch_size=3, seed=1):
+        assert torch.equal(xb[:, 0].long(), yb) and torch.equal(zb, 2 * xb)
+        seen += yb.tolist()
+    assert sorted(seen) == list(range(10))
+    with pytest.raises(ValueError, match=r"y\[1\] has 9"):
+        make_loader(x, (labels, logits[:9]))

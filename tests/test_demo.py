@@ -2,11 +2,12 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from adaexit.apps.fashion_mnist import demo
+from adaexit.apps.fashion_mnist import demo, recipe
 from adaexit.data import DEFAULT_DIR
 
 REAL = DEFAULT_DIR / "train-images-idx3-ubyte.gz"
@@ -69,20 +70,63 @@ def test_bad_options_are_value_errors(tmp_path, option):
         demo.run(parse("--smoke", option, "0", "--cache", str(tmp_path)))
 
 
-def test_checkpoints_are_cached_and_reloaded(tmp_path):
-    x = torch.randn(64, 1, 28, 28)
-    y = torch.randint(10, (64,))
-    cfg = demo.NetConfig("mlp", "mlp", 8, 1, 1e-3, batch_size=32, max_steps=2)
-    first, rec1 = demo.train_or_load(cfg, (x, y), tmp_path, "tag", 0, retrain=False, progress=False)
-    second, rec2 = demo.train_or_load(cfg, (x, y), tmp_path, "tag", 0, retrain=False, progress=False)
-    assert not rec1["cached"] and rec2["cached"]
-    for (k, a), b in zip(first.state_dict().items(), second.state_dict().values()):
-        assert torch.equal(a, b), k
-    # any setting that changes the network changes the cache key
-    other = demo.NetConfig("mlp", "mlp", 8, 2, 1e-3, batch_size=32, max_steps=2)
-    assert other.key("tag", 0) != cfg.key("tag", 0) and cfg.key("tag", 1) != cfg.key("tag", 0)
-    _, rec3 = demo.train_or_load(cfg, (x, y), tmp_path, "tag", 0, retrain=True, progress=False)
-    assert not rec3["cached"]
+def _configs(epochs=1):
+    return [
+        recipe.NetConfig("wide_cnn", "wide_cnn", 4, epochs, 1e-3, multi_exit=True, batch_size=32, max_steps=2),
+        recipe.NetConfig("mlp", "mlp", 8, 1, 1e-3, distill=0.7, teacher="wide_cnn", batch_size=32, max_steps=2),
+    ]
+
+
+def test_checkpoints_are_cached_reloaded_and_distilled(tmp_path):
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(10, (64,))
+    first, rec1 = recipe.train_all(_configs(), (x, y), tmp_path, 0, retrain=False, progress=False)
+    second, rec2 = recipe.train_all(_configs(), (x, y), tmp_path, 0, retrain=False, progress=False)
+    assert not any(r["cached"] for r in rec1.values()) and all(r["cached"] for r in rec2.values())
+    for name in first:
+        weights = recipe.network_weights(second[name])
+        for k, a in recipe.network_weights(first[name]).items():
+            assert torch.equal(a, weights[k]), (name, k)
+    assert rec2["mlp"]["config"]["teacher"] == "wide_cnn"
+    _, rec3 = recipe.train_all(_configs(), (x, y), tmp_path, 0, retrain=True, progress=False)
+    assert not any(r["cached"] for r in rec3.values())
+    with pytest.raises(ValueError, match="teacher"):  # a student needs its teacher trained first
+        recipe.checkpoint_paths(_configs()[1:], tmp_path, x, y, 0)
+
+
+def test_cache_key_covers_recipe_seed_data_and_teacher(tmp_path):
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(10, (16,))
+    base = recipe.checkpoint_paths(_configs(), tmp_path, x, y, 0)
+    y2 = y.clone()
+    y2[0] = (y2[0] + 1) % 10
+    changed_lr = _configs()
+    changed_lr[1].lr = 2e-3
+    variants = {
+        "seed": recipe.checkpoint_paths(_configs(), tmp_path, x, y, 1),
+        "data": recipe.checkpoint_paths(_configs(), tmp_path, x, y2, 0),
+        "recipe": recipe.checkpoint_paths(changed_lr, tmp_path, x, y, 0),
+        "teacher": recipe.checkpoint_paths(_configs(epochs=2), tmp_path, x, y, 0),
+    }
+    assert recipe.checkpoint_paths(_configs(), tmp_path, x, y, 0) == base  # deterministic
+    assert variants["seed"]["mlp"] != base["mlp"] and variants["data"]["wide_cnn"] != base["wide_cnn"]
+    assert variants["recipe"]["wide_cnn"] == base["wide_cnn"] and variants["recipe"]["mlp"] != base["mlp"]
+    # a change of the teacher's recipe retrains the teacher and its students
+    assert variants["teacher"]["wide_cnn"] != base["wide_cnn"] and variants["teacher"]["mlp"] != base["mlp"]
+
+
+@pytest.mark.parametrize("module", ["adaexit.apps.fashion_mnist.models", "adaexit.early_exit", "adaexit.heads",
+                                    "adaexit.training", "adaexit.data"])
+def test_cache_key_covers_the_code_that_builds_and_trains(tmp_path, monkeypatch, module):
+    """Editing the source of a module that defines the network or its training changes the key."""
+    import importlib
+
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(10, (16,))
+    base = recipe.checkpoint_paths(_configs(), tmp_path, x, y, 0)
+    mod = importlib.import_module(module)
+    edited = tmp_path / "edited.py"
+    edited.write_text(Path(mod.__file__).read_text() + "\n# an edit\n")
+    monkeypatch.setattr(mod, "__file__", str(edited))
+    after = recipe.checkpoint_paths(_configs(), tmp_path, x, y, 0)
+    assert after["wide_cnn"] != base["wide_cnn"] and after["mlp"] != base["mlp"]
 
 
 def test_time_passes_reports_the_median_of_interleaved_repeats():

@@ -194,6 +194,39 @@ def test_distillation_pulls_early_exits_towards_the_detached_last_exit():
     assert float(distillation_kl(step, last.detach(), 3.0)) < float(before)
 
 
+def test_outside_teacher_distils_every_exit_the_last_included():
+    torch.manual_seed(3)
+    outs = [torch.randn(8, 4) for _ in range(2)]
+    teacher, y = torch.randn(8, 4), torch.randint(4, (8,))
+    loss = MultiExitLoss(2, distill=0.25, temperature=2.0)
+    value = loss(outs, (y, teacher))
+    ce = torch.stack([F.cross_entropy(z, y) for z in outs])
+    kd = torch.stack([distillation_kl(z, teacher, 2.0) for z in outs])
+    torch.testing.assert_close(value, (0.75 * ce + 0.25 * kd).sum())
+    torch.testing.assert_close(loss.last["distill"], kd)
+    with pytest.raises(ValueError, match="distill=0"):
+        MultiExitLoss(2)(outs, (y, teacher))
+    with pytest.raises(ValueError, match="teacher logits"):
+        loss(outs, (y, torch.randn(8, 5)))
+
+
+def test_train_classifier_distils_a_student_towards_its_teacher():
+    """A student trained on the teacher's logits alone (distill=1) learns the teacher's decisions, even
+    where the labels disagree with it."""
+    x, y = _blobs(n=240)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 3))
+    teacher_logits = teacher(x).detach() * 5
+    wrong = (y + 1) % 3  # labels the student must ignore with distill=1
+    student = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    loader = make_loader(x, (wrong, teacher_logits), batch_size=32, seed=0)
+    train_classifier(student, loader, epochs=30, lr=1e-2, distill=1.0, temperature=1.0, progress=False)
+    with torch.no_grad():
+        agree = (student(x).argmax(1) == teacher_logits.argmax(1)).double().mean()
+        with_labels = (student(x).argmax(1) == wrong).double().mean()
+    assert agree > 0.9 and with_labels < 0.5
+
+
 # -- training ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("weighting", ["constant", "linear", "adaloss", "oscillating"])
 def test_training_lowers_the_loss_of_every_exit(weighting):

@@ -4,9 +4,10 @@ The flow:
 
 1. **Data.** Fashion-MNIST from local IDX files (:mod:`adaexit.data`); a stratified validation split
    (5000 images, fixed seed) is held out of the 60000 training images. Nothing is downloaded.
-2. **Train** (cached): an MLP, a small CNN and a wide early-exit CNN (:mod:`.models`); the wide
-   CNN's exits are trained jointly with :class:`~adaexit.training.MultiExitLoss`. Checkpoints go to
-   ``--cache``; a rerun with the same settings loads them and skips training.
+2. **Train** (cached; :mod:`.recipe`): a wide early-exit CNN (its exits trained jointly with
+   :class:`~adaexit.training.MultiExitLoss`), then an MLP and a small CNN distilled from it
+   (:mod:`.models`). Checkpoints go to ``--cache`` under keys covering the recipe, the code, the seed
+   and the data; a rerun with the same settings and code loads them and skips training.
 3. **Pick the strongest single network** -- the most accurate one *on the validation split* (every
    network alone, no exits): the reference for accuracy and speed.
 4. **Calibrate** three adaptive systems on the validation split with
@@ -37,13 +38,10 @@ validation split (so the test set is never used to choose), with its *measured* 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -55,60 +53,14 @@ from ...calibration import calibrate
 from ...calibration.calibrate import DROP_MEASURES
 from ...cascade import Cascade
 from ...cost import count_flops, interleaved_times, machine_info
-from ...data import load_fashion_mnist, make_loader, train_val_split
+from ...data import load_fashion_mnist, train_val_split
 from ...reports import plot_exits, plot_system_frontiers
-from ...training import MultiExitLoss, evaluate, train, train_classifier
-from .models import ZOO, plain_network
+from ...training import evaluate
+from .models import plain_network
+from .recipe import default_cache, net_configs, train_all
 
 TARGET_SPEEDUP = 6.0  # the brief's target for the main job (measured wall-clock, batch 256)
 TARGET_DROP_PP = 0.5
-
-
-# -- configuration ----------------------------------------------------------------------------------
-@dataclass
-class NetConfig:
-    """How one network is built and trained (everything here goes into its cache key)."""
-
-    name: str
-    builder: str  # key of models.ZOO
-    size: int  # hidden width (MLP) or base channel width (CNNs)
-    epochs: int
-    lr: float
-    multi_exit: bool = False
-    weighting: str = "linear"
-    distill: float = 0.5
-    batch_size: int = 128
-    max_steps: int | None = None  # per epoch; smoke runs only
-
-    def key(self, data_tag: str, seed: int) -> str:
-        """Cache key: the settings, the data, the seed and the architecture (the network's repr,
-        so a change of stride or width in :mod:`.models` never reloads a stale checkpoint)."""
-        arch = repr(_build(self))
-        blob = json.dumps({**asdict(self), "data": data_tag, "seed": seed, "arch": arch, "v": 1}, sort_keys=True)
-        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def net_configs(epochs: int, smoke: bool, train_batch_size: int) -> list[NetConfig]:
-    """The demo's three networks. ``epochs`` is the wide CNN's; the cheap networks get twice as many
-    (an epoch of theirs costs a few percent of the wide CNN's)."""
-    if smoke:
-        steps = 3
-        return [
-            NetConfig("mlp", "mlp", 32, 1, 2e-3, batch_size=64, max_steps=steps),
-            NetConfig("small_cnn", "small_cnn", 4, 1, 3e-3, batch_size=64, max_steps=steps),
-            NetConfig("wide_cnn", "wide_cnn", 4, 1, 2e-3, multi_exit=True, batch_size=64, max_steps=steps),
-        ]
-    cheap = 2 * epochs
-    return [
-        NetConfig("mlp", "mlp", 256, cheap, 2e-3, batch_size=train_batch_size),
-        NetConfig("small_cnn", "small_cnn", 16, cheap, 3e-3, batch_size=train_batch_size),
-        NetConfig("wide_cnn", "wide_cnn", 32, epochs, 2e-3, multi_exit=True, batch_size=train_batch_size),
-    ]
-
-
-def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "adaexit" / "demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -152,69 +104,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _build(cfg: NetConfig) -> nn.Module:
-    builder = ZOO[cfg.builder]
-    return builder(cfg.size)
-
-
 def _subset(x, y, n, seed):
     if n >= x.shape[0]:
         return x, y
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], y[idx]
-
-
-# -- training (cached) ------------------------------------------------------------------------------
-def network_weights(model: nn.Module) -> dict:
-    """The network's weights and buffers, without its exit policy (calibration sets that later;
-    leaving it out keeps checkpoints loadable whatever policy class the model is built with)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("policy.")}
-
-
-def load_weights(model: nn.Module, state: dict, path) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("policy.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "delete it or pass --retrain"
-        )
-
-
-def train_or_load(cfg: NetConfig, data, cache: Path, data_tag: str, seed: int, retrain: bool, progress: bool):
-    """Build ``cfg``'s network; load its checkpoint from ``cache`` or train it and save one.
-
-    Returns ``(model, record)`` with ``record = {"cached", "train_seconds", "train_cpu_seconds", "history"}``.
-    """
-    torch.manual_seed(seed)
-    model = _build(cfg)
-    path = cache / f"{cfg.key(data_tag, seed)}.pt"
-    if path.is_file() and not retrain:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        load_weights(model, saved["state_dict"], path)
-        _log(f"[demo] {cfg.name}: loaded cached checkpoint {path}")
-        return model.eval(), {"cached": True, "checkpoint": str(path), **saved["record"]}
-    x_train, y_train = data
-    loader = make_loader(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed)
-    wall, cpu = time.perf_counter(), time.process_time()
-    common = dict(max_steps=cfg.max_steps, progress=progress, desc=cfg.name)
-    if cfg.multi_exit:
-        loss = MultiExitLoss(model.num_exits, cfg.weighting, distill=cfg.distill)
-        history = train(model, loader, cfg.epochs, cfg.lr, loss=loss, **common)
-    else:
-        history = train_classifier(model, loader, cfg.epochs, cfg.lr, **common)
-    record = {
-        "train_seconds": time.perf_counter() - wall,
-        "train_cpu_seconds": time.process_time() - cpu,
-        "history": history,
-        "config": asdict(cfg),
-    }
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": network_weights(model), "record": record}, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written checkpoint
-    _log(f"[demo] {cfg.name}: trained in {record['train_seconds']:.1f} s, saved {path}")
-    return model.eval(), {"cached": False, "checkpoint": str(path), **record}
 
 
 # -- measurement ------------------------------------------------------------------------------------
@@ -335,17 +229,12 @@ def run(args: argparse.Namespace) -> int:
         x_train, y_train = _subset(x_train, y_train, 1024, args.seed)
         x_val, y_val = _subset(x_val, y_val, 512, args.seed + 1)
         x_test, y_test = _subset(x_test, y_test, 512, args.seed + 2)
-    data_tag = f"fmnist-train{x_train.shape[0]}-val{x_val.shape[0]}-split{args.seed}"
     _log(f"[demo] data: {x_train.shape[0]} train, {x_val.shape[0]} validation, {x_test.shape[0]} test images")
 
     # 2. train (cached) -------------------------------------------------------------------------------
     cache = Path(args.cache).expanduser() if args.cache else default_cache()
     configs = net_configs(args.epochs, args.smoke, args.train_batch_size)
-    nets, records = {}, {}
-    for cfg in configs:
-        nets[cfg.name], records[cfg.name] = train_or_load(
-            cfg, (x_train, y_train), cache, data_tag, args.seed, args.retrain, progress
-        )
+    nets, records = train_all(configs, (x_train, y_train), cache, args.seed, args.retrain, progress)
     train_seconds = sum(r.get("train_seconds", 0.0) for r in records.values() if not r["cached"])
     train_cpu = sum(r.get("train_cpu_seconds", 0.0) for r in records.values() if not r["cached"])
     wide = nets["wide_cnn"]
