@@ -275,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         p = result.best
         _log(f"[demo]   {name}: {p.kind}/{p.criterion}, validation: net drop {p.accuracy_drop_pp:.2f} pp, "
              f"new errors {p.new_errors_pp:.2f} pp, expected speedup {p.speedup:.2f}x ({args.cost})")
+        _log(result.families_table())
 
     # 5. measure on the test set ----------------------------------------------------------------------
     example = x_test[:1]
