@@ -56,6 +56,7 @@ class _Batch:
     remaining: int
     number: int
     tag: object = None
+    error: Exception | None = None  # a node failed on some of its rows: the batch fails
 
 
 @dataclass
@@ -199,7 +200,10 @@ class Scheduler:
                               groups=(base, self.next_number - base))
         except Exception as err:
             kind = ValueError if isinstance(err, ValueError) else RuntimeError
-            raise kind(f"stream: node {i} ({node.name}) failed on {len(part)} rows: {err}") from err
+            error = kind(f"stream: node {i} ({node.name}) failed on {len(part)} rows: {err}")
+            error.__cause__ = err
+            self._fail(part, error)
+            raise error from err
         self.stats.runs[i] += 1
         self.stats.rows_run[i] += len(part)
         self.decides[i] = self.decides[i] or result.decided
@@ -208,6 +212,16 @@ class Scheduler:
         for target, handoff in result.handoffs:
             self._enqueue(target, _Queued(handoff, since))
         return True
+
+    def _fail(self, part: Part, error: Exception) -> None:
+        """The rows of ``part`` are lost: their batches fail (their other rows still run, and the batches
+        leave :meth:`pop_done` with ``error`` set, in order); other batches are untouched."""
+        base = self.open[0].number
+        lost = to_host(torch.bincount(part.meta[:, 1] - base, minlength=self.next_number - base))
+        for batch, count in zip(self.open, lost):
+            if count:
+                batch.remaining -= count
+                batch.error = batch.error or error
 
     def deadline(self) -> float | None:
         """The ``time.monotonic()`` at which a queued row will have waited ``max_wait_ms`` (``None``
@@ -234,10 +248,14 @@ class Scheduler:
 
     def pop_done(self) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
         """``(tag, logits, visits)`` of each finished batch at the front, in input order (``visits``: per
-        row, the nodes it ran, bit ``k`` for node ``k``; :func:`exit_trace` reads it)."""
+        row, the nodes it ran, bit ``k`` for node ``k``; :func:`exit_trace` reads it). A batch a node
+        failed on comes out as ``(tag, error, None)``."""
         dtype = self.model.output_dtype()
         while self.open and self.open[0].remaining == 0:
             batch = self.open.popleft()
+            if batch.error is not None:
+                yield batch.tag, batch.error, None
+                continue
             if batch.n == 0:
                 classes = self.logits.shape[1] if self.logits is not None else self._classes()
                 device = self.logits.device if self.logits is not None else torch.device("cpu")
