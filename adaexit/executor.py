@@ -320,7 +320,7 @@ def run_node(nodes: list[Node], i: int, part: Part, router: Router, packing: Pac
     count = len(part)
     features, logits, route, meta, loose = _decide(nodes, i, part, router, packing)
     part = Part(meta, part.payload, part.source, loose)
-    result = NodeResult(decided=route is not None)
+    result = NodeResult(decided=route is not None or not node.successors)  # (a terminal node's head always runs)
     no_logits = ValueError(f"node {i} ({node.name}): rows exit here but the router gave no logits")
     if not node.successors:  # terminal: everyone exits, no partition needed
         if logits is None:
@@ -497,6 +497,7 @@ def _execute_static(nodes, x, router, state, packing) -> tuple[torch.Tensor, Exe
         rows_run[i] = live.sum()
         if not node.successors:
             exiting = live
+            rows_decided[i] = rows_run[i]
         elif route is None:
             exiting = None
             target = node.successors[0]

@@ -84,10 +84,13 @@ class Scheduler:
         batch_size: a node runs when its queue holds at least this many rows.
         max_wait_ms: also run a partial queue once one of its rows has waited this long.
         max_rows_in_flight: bound on admitted rows not yet returned (default ``4 * batch_size``).
+        track_visits: record the nodes each row visits (what :meth:`exit_trace` needs for an
+            :class:`~adaexit.ExitInfo`); without it, ``pop_done`` gives each row's exit index instead (two
+            ops fewer per node run).
     """
 
     def __init__(self, model: AdaptiveModel, batch_size: int, max_wait_ms: float | None = None,
-                 max_rows_in_flight: int | None = None):
+                 max_rows_in_flight: int | None = None, track_visits: bool = True):
         if not isinstance(model, AdaptiveModel):
             raise ValueError(f"stream: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
         if model.training:
@@ -106,6 +109,7 @@ class Scheduler:
         if len(self.nodes) > MAX_NODES:
             raise ValueError(f"stream: the model's graph has {len(self.nodes)} nodes; stream runs graphs of up "
                              f"to {MAX_NODES}")
+        self.track_visits = bool(track_visits)
         self.max_wait = None if max_wait_ms is None else max_wait_ms / 1e3
         self.source = needs_source(self.nodes)
         self.queues: list[deque[_Queued]] = [deque() for _ in self.nodes]
@@ -193,7 +197,8 @@ class Scheduler:
         queue.clear()
         self.queued[i] = 0
         part = merge(parts, node, i)
-        part.meta[:, 2].bitwise_or_(1 << i)  # (merge and gathers give this run its own meta)
+        if self.track_visits:
+            part.meta[:, 2].bitwise_or_(1 << i)  # (merge and gathers give this run its own meta)
         base = self.open[0].number
         try:
             result = run_node(self.nodes, i, part, self.model.route, self.packing,
@@ -242,14 +247,17 @@ class Scheduler:
             )
         slots = meta[:, 0]
         scatter_rows(self.logits, slots, logits if logits.dtype == self.logits.dtype else logits.to(self.logits.dtype))
-        self.visits.index_copy_(0, slots, meta[:, 2])
+        if self.track_visits:
+            self.visits.index_copy_(0, slots, meta[:, 2])
+        else:
+            self.visits.index_fill_(0, slots, i)
         for batch, done in zip(self.open, groups):  # groups: exits per open batch, in order
             batch.remaining -= done
 
     def pop_done(self) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
         """``(tag, logits, visits)`` of each finished batch at the front, in input order (``visits``: per
-        row, the nodes it ran, bit ``k`` for node ``k``; :func:`exit_trace` reads it). A batch a node
-        failed on comes out as ``(tag, error, None)``."""
+        row, the nodes it ran, bit ``k`` for node ``k``, which :func:`exit_trace` reads; without
+        ``track_visits``, the exit index). A batch a node failed on comes out as ``(tag, error, None)``."""
         dtype = self.model.output_dtype()
         while self.open and self.open[0].remaining == 0:
             batch = self.open.popleft()
@@ -325,7 +333,7 @@ def stream(
             n = num_rows(x)
             if scheduler is None:
                 size = batch_size if batch_size is not None else max(1, n)
-                scheduler = Scheduler(model, size, max_wait_ms, max_rows_in_flight)
+                scheduler = Scheduler(model, size, max_wait_ms, max_rows_in_flight, track_visits=return_info)
             while not scheduler.can_admit(n):
                 scheduler.step(drain=True)
                 yield from _outputs(model, scheduler, return_info)
