@@ -143,9 +143,10 @@ def _device(rows) -> torch.device:
 class Packing:
     """Where the per-row tensors sit in a part's ``meta``: an int64 ``[n, width]`` tensor whose first
     ``1 + extra`` columns are the row id and bookkeeping (:func:`adaexit.stream`: the input batch) and
-    whose other columns hold the policy's state, each field bit-cast to whole 8-byte words. With nothing
-    but the row id, ``meta`` is the ``[n]`` ids themselves. State tensors that autograd tracks stay
-    ``loose`` (one gather each), so gradients flow.
+    whose other columns hold the policy's integer state (counters, predictions, masks), each field bit-cast
+    to whole 8-byte words. With nothing but the row id, ``meta`` is the ``[n]`` ids themselves.
+    Floating-point state stays ``loose`` (one gather each): autograd may track it (a D2NN's
+    log-probabilities), and a bit-cast would cut the gradient.
 
     ``fields``: ``(key, dtype, row shape, first column, last column, bytes per row)``.
     """
@@ -158,7 +159,7 @@ class Packing:
     def of(state: dict, extra: int = 0) -> "Packing":
         fields, loose, col = [], [], 1 + extra
         for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.requires_grad or value.is_complex():
+            if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.is_floating_point() or value.is_complex():
                 loose.append(key)
                 continue
             nbytes = value[:1].numel() * value.element_size()
@@ -173,7 +174,8 @@ class Packing:
         return not self.extra and not self.fields
 
     def ids(self, meta: torch.Tensor) -> torch.Tensor:
-        return meta if meta.dim() == 1 else meta[:, 0]
+        """The row ids (contiguous: the kernels read index tensors densely)."""
+        return meta if meta.dim() == 1 else meta[:, 0].contiguous()
 
     def pack(self, head: torch.Tensor, state: dict) -> torch.Tensor:
         """``meta`` from the id (+ bookkeeping) columns ``head`` and the packable fields of ``state``."""

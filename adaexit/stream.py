@@ -245,7 +245,7 @@ class Scheduler:
                 f"stream: node {i} ({self.nodes[i].name}) predicts {logits.shape[1]} classes, an earlier exit "
                 f"predicted {self.logits.shape[1]}"
             )
-        slots = meta[:, 0]
+        slots = meta[:, 0].contiguous()  # (the kernels read index tensors densely)
         scatter_rows(self.logits, slots, logits if logits.dtype == self.logits.dtype else logits.to(self.logits.dtype))
         if self.track_visits:
             self.visits.index_copy_(0, slots, meta[:, 2])
