@@ -130,8 +130,8 @@ def test_gather_then_scatter_roundtrip():
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_gather_rows_errors(backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_gather_rows_errors(backend, use_backend):
+    use_backend(backend)
     x = torch.randn(5, 3)
     with pytest.raises(ValueError, match=r"index values must be in \[0, 5\)"):
         gather_rows(x, torch.tensor([0, 5]))
@@ -148,8 +148,8 @@ def test_gather_rows_errors(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_scatter_rows_errors(backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_scatter_rows_errors(backend, use_backend):
+    use_backend(backend)
     out = torch.zeros(5, 3)
     with pytest.raises(ValueError, match="src must have shape"):
         scatter_rows(out, torch.tensor([0, 1]), torch.zeros(2, 4))

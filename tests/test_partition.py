@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaexit.kernels import host_sync_count, partition, partition_torch
+from adaexit.kernels import host_sync_count, partition, partition_torch, set_backend
 from adaexit.kernels.ops import partition as partition_mod
 from bench.kernel_cases import (
     NUM_ROUTES,
@@ -100,9 +100,7 @@ def test_partition_triton_property(data):
     values = data.draw(st.lists(st.integers(0, num_routes - 1), max_size=200))
     block = data.draw(st.sampled_from([16, 32, 4096]))  # 16/32: multi-block path, 4096: single launch
     route = torch.tensor(values, dtype=torch.int64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAEXIT_BACKEND", "triton")
-        mp.setenv("TRITON_INTERPRET", "1")
+    with pytest.MonkeyPatch.context() as mp, set_backend("triton"):
         mp.setattr(partition_mod, "_SINGLE_BLOCK", block)
         mp.setattr(partition_mod, "_BLOCK", block)
         mp.setattr(partition_mod, "_SCAN_BLOCK", 4)
@@ -113,8 +111,8 @@ def test_partition_triton_property(data):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_partition_makes_no_host_sync(backend, monkeypatch, blocks):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_partition_makes_no_host_sync(backend, blocks, use_backend):
+    use_backend(backend)
     route = make_route(100, 3, "random")
     before = host_sync_count()
     order, counts = partition(route, 3)
@@ -122,8 +120,8 @@ def test_partition_makes_no_host_sync(backend, monkeypatch, blocks):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_partition_errors(backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_partition_errors(backend, use_backend):
+    use_backend(backend)
     with pytest.raises(ValueError, match="num_routes"):
         partition(torch.zeros(3, dtype=torch.int64), 0)
     with pytest.raises(ValueError, match="num_routes"):
@@ -140,11 +138,11 @@ def test_partition_errors(backend, monkeypatch):
         partition(torch.tensor([False, True]), 1)
 
 
-def test_partition_dispatches_to_reference_on_cpu(monkeypatch):
-    monkeypatch.delenv("ADAEXIT_BACKEND", raising=False)
+def test_partition_dispatches_to_reference_on_cpu(monkeypatch, use_backend):
+    use_backend("auto")
     calls = []
     real = partition_mod.partition_torch
-    monkeypatch.setattr(partition_mod, "partition_torch", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(partition_mod, "partition_torch", lambda *a, **k: calls.append(1) or real(*a, **k))
     partition(torch.tensor([1, 0, 1]), 2)
     assert calls == [1]
 
