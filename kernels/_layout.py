@@ -66,16 +66,27 @@ def dense_strides(sizes, order) -> list[int]:
     return strides
 
 
+def _contiguous_strides(sizes) -> list[int]:
+    strides, acc = [], 1
+    for size in reversed(sizes):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]
+
+
 def out_row_strides(x: torch.Tensor) -> list[int]:
     """Strides of the trailing dims of ``gather_rows(x, ...)``'s output (row stride: their product): ``x``'s
     row layout when its rows are dense runs (channels_last stays channels_last), else contiguous. One rule for
     the Triton path, the torch path and the fake (meta) implementation of the op."""
     trail = list(x.shape[1:])
+    contiguous = _contiguous_strides(trail)
+    if list(x.stride()[1:]) == contiguous:  # the common case, decided without planning
+        return contiguous
     order = memory_order(trail, x.stride()[1:])
     sizes, (strides,) = coalesce([trail[d] for d in order], [x.stride(d + 1) for d in order])
-    if raw_view(x) is not None and len(sizes) == 1 and strides[0] == 1:
+    if x.element_size() in _RAW_DTYPES and len(sizes) == 1 and strides[0] == 1:
         return dense_strides(trail, order)
-    return dense_strides(trail, list(range(len(trail))))
+    return contiguous
 
 
 def empty_rows(x: torch.Tensor, n) -> torch.Tensor:
@@ -90,10 +101,10 @@ def empty_rows(x: torch.Tensor, n) -> torch.Tensor:
 def in_row_layout(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``rows`` (gathered from ``x`` by torch) in the layout of :func:`out_row_strides` (a copy only when
     torch chose another layout)."""
-    want = empty_rows(x, rows.shape[0])
-    if rows.stride() == want.stride() or rows.shape[0] <= 1 and rows.stride()[1:] == want.stride()[1:]:
-        return rows
-    return want.copy_(rows)
+    strides = out_row_strides(x)
+    if all(st == want or sz == 1 for st, want, sz in zip(rows.stride()[1:], strides, rows.shape[1:])):
+        return rows  # same layout (strides of size-1 dims do not matter)
+    return empty_rows(x, rows.shape[0]).copy_(rows)
 
 
 def raw_view(t: torch.Tensor) -> torch.Tensor | None:

@@ -151,3 +151,27 @@ def test_partition_empty():
     order, counts = partition(torch.zeros(0, dtype=torch.int64), 4)
     assert order.shape == (0,) and order.dtype == torch.int64
     assert torch.equal(counts, torch.zeros(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("n, num_routes, capacity", [(0, 3, 4), (1, 2, 1), (37, 3, 40), (37, 3, 5), (100, 5, 0)])
+def test_partition_capacity(backend, n, num_routes, capacity, use_backend):
+    """``capacity=c``: route r's rows (stable) in row r of an [R, c] matrix, -1 padding, overflow dropped;
+    counts are the full counts; no host sync."""
+    use_backend(backend)
+    route = make_route(n, num_routes, "random")
+    before = host_sync_count()
+    index, counts = partition(route, num_routes, capacity=capacity)
+    assert host_sync_count() == before
+    assert index.shape == (num_routes, capacity) and index.dtype == torch.int64
+    assert torch.equal(counts, torch.bincount(route.long(), minlength=num_routes))
+    for r in range(num_routes):
+        rows = torch.nonzero(route.long() == r).flatten()[:capacity]
+        want = torch.full((capacity,), -1, dtype=torch.int64)
+        want[: rows.numel()] = rows
+        assert torch.equal(index[r], want), (r, index[r], want)
+
+
+def test_partition_capacity_refused_by_name():
+    with pytest.raises(ValueError, match="capacity must be None or an int >= 0"):
+        partition(torch.zeros(3, dtype=torch.int64), 2, capacity=-1)

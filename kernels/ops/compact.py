@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import to_host, use_triton
+from .._dispatch import direct_call, to_host, use_triton
 from .._layout import empty_rows, in_row_layout
 from .gather_rows import gather_rows_triton, padded_rows_torch
 from .partition import partition_triton
@@ -84,12 +84,14 @@ def _compact_triton(keep: torch.Tensor, tensors, capacity):
 # The torch op ``torch.ops.adaexit.compact``. With ``capacity=None`` the kept count is data-dependent: the
 # fake implementation gives it as an unbacked size, so ``torch.compile`` captures the op whole.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("adaexit::compact", mutates_args=())
-def _compact_op(keep: torch.Tensor, tensors: list[torch.Tensor], capacity: int | None) -> list[torch.Tensor]:
+def _compact_impl(keep: torch.Tensor, tensors: list[torch.Tensor], capacity: int | None) -> list[torch.Tensor]:
     if use_triton(keep.device):
         return _compact_triton(keep, tensors, capacity)
     kept_index, *rows = compact_torch(keep, *tensors, capacity=capacity)
     return [kept_index, *(in_row_layout(r, t) for r, t in zip(rows, tensors))]
+
+
+_compact_op = torch.library.custom_op("adaexit::compact", mutates_args=())(_compact_impl)
 
 
 @_compact_op.register_fake
@@ -136,4 +138,6 @@ def compact(keep: torch.Tensor, *tensors: torch.Tensor, capacity: int | None = N
         tensors[i][kept_index]``.
     """
     _check(keep, tensors, capacity)
+    if direct_call(keep, *tensors):
+        return tuple(_compact_impl(keep, list(tensors), capacity))
     return tuple(_compact_op(keep, list(tensors), capacity))

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .._compile import CompileSpec
-from .._dispatch import count_launch, use_triton
+from .._dispatch import count_launch, direct_call, use_triton
 from .._triton import tl, triton
 
 CRITERIA = ("maxprob", "margin", "entropy", "learned")
@@ -443,8 +443,7 @@ def _launch(h, weight, bias, criterion, threshold, gate, N, D, K):
 # gate runs in eval forwards, where nothing needs gradients; training calls it rarely, so the recompute
 # costs less than keeping a second, differentiable kernel.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("adaexit::exit_gate", mutates_args=())
-def _exit_gate_op(
+def _exit_gate_impl(
     h: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -459,6 +458,9 @@ def _exit_gate_op(
     if logits.untyped_storage().data_ptr() == h.untyped_storage().data_ptr():
         logits = logits.clone()  # weight=None on contiguous fp32 h: an op's output never aliases its input
     return logits, score, exit_mask
+
+
+_exit_gate_op = torch.library.custom_op("adaexit::exit_gate", mutates_args=())(_exit_gate_impl)
 
 
 @_exit_gate_op.register_fake
@@ -502,6 +504,8 @@ def exit_gate(h, weight, bias=None, *, criterion="maxprob", threshold=1.0, gate=
     """Fused exit gate (the op ``torch.ops.adaexit.exit_gate``); see the module docstring. Returns ``(logits
     fp32 [N, K], score fp32 [N], exit_mask bool [N])``; differentiable in ``h``, ``weight``, ``bias``, ``gate``."""
     _validate(h, weight, bias, criterion, gate)
+    if direct_call(h, weight, bias, gate):
+        return _exit_gate_impl(h, weight, bias, criterion, float(threshold), gate)
     return _exit_gate_op(h, weight, bias, criterion, float(threshold), gate)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import count_launch, use_triton
+from .._dispatch import count_launch, direct_call, use_triton
 from .._layout import (
     MAX_STRIDED_DIMS,
     check_index,
@@ -207,12 +207,15 @@ def gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The torch op ``torch.ops.adaexit.gather_rows``: the Triton kernel and the reference behind one op
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("adaexit::gather_rows", mutates_args=())
-def _gather_rows_op(x: torch.Tensor, index: torch.Tensor, padded: bool) -> torch.Tensor:
+def _gather_rows_impl(x: torch.Tensor, index: torch.Tensor, padded: bool) -> torch.Tensor:
     if use_triton(x.device):
         check_index_values(index, x.shape[0], padded=padded)
         return gather_rows_triton(x, index)
-    return in_row_layout(gather_rows_torch(x, index, padded=padded), x)
+    rows = gather_rows_torch(x, index, padded=padded)
+    return rows if x.is_contiguous() else in_row_layout(rows, x)  # contiguous x: rows are contiguous too
+
+
+_gather_rows_op = torch.library.custom_op("adaexit::gather_rows", mutates_args=())(_gather_rows_impl)
 
 
 @_gather_rows_op.register_fake
@@ -252,6 +255,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, *, padded: bool = False) -
         ``[n, *T]`` tensor; rows keep ``x``'s memory order of the trailing dims.
     """
     _check(x, index)
+    if direct_call(x, index):
+        return _gather_rows_impl(x, index, padded)
     return _gather_rows_op(x, index, padded)
 
 

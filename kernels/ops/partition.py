@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._compile import CompileSpec
-from .._dispatch import count_launch, use_triton
+from .._dispatch import count_launch, direct_call, use_triton
 from .._triton import tl, triton
 
 # Block sizes (the only compile-time constants). Module-level so tests can shrink them to reach the
@@ -209,13 +209,15 @@ def partition_triton(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # The torch op ``torch.ops.adaexit.partition``: the Triton kernels and the reference behind one op
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("adaexit::partition", mutates_args=())
-def _partition_op(route: torch.Tensor, num_routes: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _partition_impl(route: torch.Tensor, num_routes: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(route.device):
         return partition_torch(route, num_routes, capacity=capacity)
     _check_values(route, num_routes)
     order, counts = partition_triton(route, num_routes)
     return (order if capacity is None else per_route(order, counts, capacity)), counts
+
+
+_partition_op = torch.library.custom_op("adaexit::partition", mutates_args=())(_partition_impl)
 
 
 @_partition_op.register_fake
@@ -241,6 +243,8 @@ def partition(route: torch.Tensor, num_routes: int, *, capacity: int | None = No
     """
     _check(route, num_routes)
     _check_capacity(capacity)
+    if direct_call(route):
+        return _partition_impl(route, num_routes, capacity)
     return _partition_op(route, num_routes, capacity)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import count_launch, use_triton
+from .._dispatch import count_launch, direct_call, use_triton
 from .._layout import MAX_STRIDED_DIMS, check_index, check_index_values, coalesce, memory_order, raw_view, tile_shape, tile_spec
 from .._triton import tl, triton
 
@@ -179,13 +179,15 @@ def scatter_rows_triton(out: torch.Tensor, index: torch.Tensor, src: torch.Tenso
 # behind one op. A mutating op cannot carry an autograd formula: a call that autograd must differentiate runs
 # the reference in the public function instead (``out[index] = src`` is differentiable in place).
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("adaexit::scatter_rows", mutates_args=("out",))
-def _scatter_rows_op(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, padded: bool) -> None:
+def _scatter_rows_impl(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, padded: bool) -> None:
     if use_triton(out.device):
         check_index_values(index, out.shape[0], padded=padded)
         scatter_rows_triton(out, index, src)
     else:
         scatter_rows_torch(out, index, src, padded=padded)
+
+
+_scatter_rows_op = torch.library.custom_op("adaexit::scatter_rows", mutates_args=("out",))(_scatter_rows_impl)
 
 
 @_scatter_rows_op.register_fake
@@ -205,7 +207,10 @@ def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, p
     _check(out, index, src)
     if torch.is_grad_enabled() and (out.requires_grad or src.requires_grad):
         return scatter_rows_torch(out, index, src, padded=padded)
-    _scatter_rows_op(out, index, src, padded)
+    if direct_call(out, index, src):
+        _scatter_rows_impl(out, index, src, padded)
+    else:
+        _scatter_rows_op(out, index, src, padded)
     return out
 
 
