@@ -218,7 +218,12 @@ class AdaptiveModel(nn.Module):
         """Every exit's logits for every row (dense, in the current mode; what ``train()`` returns)."""
         outputs, h = [], x
         for k, node in enumerate(self.graph()):
-            h = node.module(x if k == 0 or node.takes == SOURCE else h)
+            inp = x if k == 0 or node.takes == SOURCE else h
+            try:
+                h = node.module(inp)
+            except (RuntimeError, ValueError) as err:
+                shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__
+                raise ValueError(f"node {k} ({node.name}) failed on its input ({shape}): {err}") from err
             outputs.append(self._dense_head(k, node, h))
         return outputs
 
