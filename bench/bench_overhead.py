@@ -1,6 +1,6 @@
 """The fixed cost of a decision: ops per node run beyond the node's own module (issue 19).
 
-``python -m bench.bench_overhead [--json PATH]``
+``python -m bench.bench_overhead [--modes early_exit,cascade,stream,server] [--triton] [--json PATH] [--threads N]``
 
 The held-out chain (4 stages of two ``Linear(512, 512)`` + ReLU, pooled-linear exits, about half of the rows
 still running leaving at each of the first three exits; 64 request batches of 64 rows) is run four ways -
@@ -27,19 +27,21 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from adaexit import Cascade, Server, stream
-from adaexit.kernels import host_sync_count
+from adaexit.kernels import backend_for, host_sync_count, interpreter_enabled as _interpreter, launch_count, set_backend
 
-from . import finish, machine, node_inputs, policy_for_fractions
+from . import apply_threads, common_arguments, finish, machine, node_inputs, policy_for_fractions
 from .bench_stream import CHAIN_FRACTIONS, chain
 
 TARGET_OPS = 30
 MODES = ("early_exit", "cascade", "stream", "server")
 
 
-def count_ops(fn) -> int:
-    """Ops ``fn`` dispatches from Python: profiler events ``aten::*`` / ``adaexit::*`` with no op above them."""
+def count_ops(fn, all_threads: bool = False) -> int:
+    """Ops ``fn`` dispatches from Python: profiler events ``aten::*`` / ``adaexit::*`` with no op above them.
+
+    ``all_threads``: record every thread (the Server's worker), not only the caller's."""
     fn()  # warm up (lazy initialisation is not the steady state)
-    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)  # the Server's worker too
+    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True) if all_threads else None
     with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
         fn()
     ops = 0
@@ -83,8 +85,8 @@ def _node_calls(model) -> tuple[list[int], list]:
     return calls, handles
 
 
-def overhead(model, x: torch.Tensor, mode: str, batch: int = 64, batches: int = 64) -> dict:
-    """Ops per node run beyond the node's own, and host syncs per decision, for one mode."""
+def runner(model, x: torch.Tensor, mode: str, batch: int = 64, batches: int = 64):
+    """A call that runs ``batches`` request batches of ``batch`` rows of ``x`` through ``model`` in ``mode``."""
     requests = list(x[: batch * batches].split(batch))
 
     def run():
@@ -100,6 +102,12 @@ def overhead(model, x: torch.Tensor, mode: str, batch: int = 64, batches: int = 
                 for r in requests:
                     model(r)
 
+    return run
+
+
+def overhead(model, x: torch.Tensor, mode: str, batch: int = 64, batches: int = 64) -> dict:
+    """Ops per node run beyond the node's own, and host syncs per decision, for one mode."""
+    run = runner(model, x, mode, batch, batches)
     with torch.inference_mode():
         own = [count_ops(lambda node=node, inp=inp: node.module(inp[:batch]))
                for node, inp in zip(model.graph(), node_inputs(model, x[:batch]))]
@@ -107,7 +115,7 @@ def overhead(model, x: torch.Tensor, mode: str, batch: int = 64, batches: int = 
     calls, handles = _node_calls(model)
     syncs = host_sync_count()
     try:
-        total = count_ops(run)  # (runs twice: warm-up and profiled)
+        total = count_ops(run, all_threads=mode == "server")  # (runs twice: warm-up and profiled)
     finally:
         for h in handles:
             h.remove()
@@ -142,56 +150,64 @@ def zero_sync_forward(device: str = "cuda", batch: int = 64):
     return sync_call, zero_sync_call, x
 
 
-def launches_per_node_run(model, x: torch.Tensor, batch: int = 64, batches: int = 8) -> float | None:
-    """Triton launches per node run of the per-batch executor on the Triton path (through the interpreter on
-    CPU); ``None`` where the kernels do not count launches."""
-    from adaexit.kernels import _dispatch
-
-    if not hasattr(_dispatch, "launch_count"):
-        return None
-    requests = list(x[: batch * batches].split(batch))
+def launches_per_node_run(model, x: torch.Tensor, mode: str, batch: int = 64, batches: int = 8) -> float:
+    """Triton kernel launches per node run in ``mode`` (``adaexit.kernels.launch_count``); run it with the
+    Triton backend (``set_backend("triton")``; on a CPU through the interpreter)."""
+    run = runner(model, x, mode, batch, batches)
     calls, handles = _node_calls(model)
-    before = _dispatch.launch_count()
+    before = launch_count()
     try:
-        with torch.inference_mode():
-            for r in requests:
-                model(r)
+        run()
     finally:
         for h in handles:
             h.remove()
-    return (_dispatch.launch_count() - before) / max(1, sum(calls))
+    return (launch_count() - before) / max(1, sum(calls))
 
 
-def run(modes=MODES, batch: int = 64, batches: int = 64) -> dict:
+def run(modes=MODES, batch: int = 64, batches: int = 64, triton: bool = False) -> dict:
+    """Ops per node run for each mode; with ``triton``, also Triton launches per node run (a smaller
+    width and 4 batches: the interpreter is slow; launches do not depend on either)."""
     chain_model, chain_x = held_out_chain()
     cascade_model, cascade_x = two_network_cascade()
     rows = []
     for mode in modes:
         model, x = (cascade_model, cascade_x) if mode == "cascade" else (chain_model, chain_x)
         rows.append(overhead(model, x, mode, batch, batches))
+        if triton:
+            small, xs = two_network_cascade(64, 1024) if mode == "cascade" else held_out_chain(64, 1024)
+            with set_backend("triton"):
+                rows[-1]["launches_per_node_run"] = launches_per_node_run(small, xs, mode, batch, 4)
     return {"benchmark": "overhead", "machine": machine(), "results": rows}
 
 
 def format_report(report: dict) -> str:
     lines = ["ops per node run beyond the node's own (held-out chain / two-network cascade, 64 batches of 64 rows)",
-             f"{'mode':<12}{'node runs':>10}{'ops/run':>10}{'syncs/run':>11}  target <= {TARGET_OPS}"]
+             f"{'mode':<12}{'node runs':>10}{'ops/run':>10}{'syncs/run':>11}{'launches/run':>14}  target <= {TARGET_OPS}"]
     for r in report["results"]:
+        launches = r.get("launches_per_node_run")
         lines.append(f"{r['mode']:<12}{r['node_runs']:>10}{r['ops_per_node_run']:>10.1f}"
-                     f"{r['host_syncs_per_node_run']:>11.2f}  {'met' if r['target_met'] else 'MISSED'}")
+                     f"{r['host_syncs_per_node_run']:>11.2f}{'-' if launches is None else f'{launches:.1f}':>14}"
+                     f"  {'met' if r['target_met'] else 'MISSED'}")
+    lines.append("ops: aten::* / adaexit::* events with no op above them (an adaexit kernel is one op), minus the "
+                 "node modules' own; launches: adaexit.kernels.launch_count on the Triton path (--triton)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    parser.add_argument("--threads", type=int, default=None)
+    common_arguments(parser, json_help="write the report as JSON")
+    parser.add_argument("--triton", action="store_true",
+                        help="also count Triton launches per node run (on a CPU: TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
+    apply_threads(parser, args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    return finish(run(modes), args, format_report)
+    if args.triton and backend_for("cuda") != "triton" and not _interpreter():
+        parser.error("--triton needs triton and a GPU, or TRITON_INTERPRET=1 for the interpreter")
+    return finish(run(modes, triton=args.triton), args, format_report)
 
 
 if __name__ == "__main__":
