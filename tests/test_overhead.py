@@ -74,3 +74,16 @@ def test_zero_sync_mode_handles_an_empty_batch():
     model = MODELS["early_exit"]().set_execution(sync=False)
     with torch.no_grad():
         assert model(torch.zeros(0, DIM)).shape == (0, CLASSES)
+
+
+@pytest.mark.interpreter
+def test_zero_sync_mode_on_the_triton_path(triton_backend):
+    model = MODELS["patience"]()
+    x = randn_inputs(20, DIM, scale=3)
+    with torch.no_grad():
+        ref = model(x)
+        model.set_execution(sync=False)
+        before = host_sync_count()
+        out = model(x)
+        assert host_sync_count() == before
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
