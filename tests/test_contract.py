@@ -28,6 +28,7 @@ import torch
 
 import adaexit
 from adaexit import ConfidencePolicy, ExitInfo, NeverExitPolicy
+from adaexit.kernels import set_backend
 from helpers import (
     IMAGE_SHAPE,
     KIND_CLASSES,
@@ -290,6 +291,23 @@ def test_eval_forward_one_prediction_per_row_at_its_exit(kind):
         with torch.no_grad():
             dense = torch.stack([z.float() for z in model.exit_logits(x)])
         close(logits, dense[info.exit_index, torch.arange(N)])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", cases("triton"))
+def test_the_triton_kernels_route_every_row_as_the_torch_path_does(kind):
+    """The same forward on the Triton kernels (the interpreter on CPU): same exits, same logits."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton installed")
+    model, _ = build(kind)
+    x = kind.inputs(N, 0)
+    spread(kind, model, x)
+    with torch.no_grad():
+        with set_backend("torch"):
+            want, want_info = call(model, x, return_info=True)
+        with set_backend("triton"):
+            got, got_info = call(model, x, return_info=True)
+    assert torch.equal(got_info.exit_index, want_info.exit_index)
+    close(logits_of(got), logits_of(want))
 
 
 @pytest.mark.parametrize("kind", cases("never_exit"))
