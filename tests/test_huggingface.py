@@ -148,7 +148,7 @@ def test_padding_is_trimmed_as_rows_exit_and_rows_run_drop():
         out, info = ee(**x, return_info=True)
     assert info.exit_index.tolist() == [0, 2, 2, 1, 2]
     assert info.rows_run == [5, 4, 3]
-    # (with return_info the plain model also runs once, to count its FLOPs: the first call is ours)
+    # (with return_info the nodes also run once on one row, to count their FLOPs: the first call is ours)
     assert seen[1][0] == (4, 31, 32)  # the 31-token row 3 still runs layer 1
     assert seen[3][0] == (3, 5, 32)  # after it left: the three short rows, trimmed to 5 tokens
     assert info.flops < info.full_flops
@@ -159,7 +159,11 @@ def test_padding_is_trimmed_as_rows_exit_and_rows_run_drop():
         same, same_info = untrimmed(**x, return_info=True)
     assert seen[3][0] == (3, 31, 32)
     torch.testing.assert_close(same.logits, out.logits, atol=1e-5, rtol=1e-5)
-    assert same_info.flops > info.flops
+    # FLOPs as for every adaptive model: rows run x each node's cached per-row cost at the batch's padded length
+    stage, head = ee.exit_costs(x)
+    assert info.flops == same_info.flops == sum(r * s for r, s in zip(info.rows_run, stage)) + sum(
+        r * h for r, h in zip(info.rows_decided, head))
+    assert info.full_flops == 5 * ee.reference_cost(x)
 
 
 def test_stream_over_token_batches_equals_per_batch():

@@ -1,7 +1,7 @@
 """wrap(): existing models become early-exit models that drop into existing code.
 
 Issue 10 replaced the chain-of-children splitter with a torch.fx split at dotted module paths
-(``adaexit/wrappers/fx.py``). Tests whose behaviour did not change keep their assertions; four changed by
+(``adaexit/wrappers/fx/``). Tests whose behaviour did not change keep their assertions; four changed by
 design and say so: a residual forward now wraps at any valid cut (and names the module when a cut is
 invalid), an exit after ``layer4`` is valid (the tail is avgpool + flatten + fc), a model whose last module
 is not an ``nn.Linear`` wraps (its tail, whatever it holds, is the last exit), and head factories need
@@ -96,8 +96,8 @@ def test_wrapped_torchvision_resnet_is_a_drop_in(resnet):
 
 def test_wrapped_resnet_with_conv_heads_trains_densely():
     model = torchvision.models.resnet18(num_classes=7)
-    # head="conv" needs the widths: example_input (they used to be guessed from module attributes)
-    wrapped = wrap(model, exits=["layer2"], head="conv", example_input=torch.randn(2, 3, 32, 32)).train()
+    # a head factory needs the widths: example_input (they used to be guessed from module attributes)
+    wrapped = wrap(model, exits=["layer2"], heads=ExitHead.conv, example_input=torch.randn(2, 3, 32, 32)).train()
     outs = wrapped(torch.randn(2, 3, 32, 32))
     assert [o.shape for o in outs] == [(2, 7), (2, 7)]
     sum(o.sum() for o in outs).backward()
@@ -157,7 +157,7 @@ def test_model_without_linear_classifier():
         assert torch.equal(wrapped(x), model(x))
 
 
-def test_custom_head_factory_and_bad_head_kind():
+def test_custom_heads_factory_list_and_bad_heads():
     calls = []
 
     def factory(width, classes):
@@ -165,18 +165,27 @@ def test_custom_head_factory_and_bad_head_kind():
         return ExitHead(width, classes)
 
     x = torch.randn(2, 1, 12, 12)
-    wrap(sequential_cnn(), exits=["1"], head=factory, example_input=x)
+    wrap(sequential_cnn(), exits=["1"], heads=factory, example_input=x)
     assert calls == [(8, 10)]
-    with pytest.raises(ValueError, match="head='factory' needs each exit's width: pass example_input"):
+    mine = ExitHead(8, 10)
+    wrapped = wrap(sequential_cnn(), exits=["1"], heads=[mine])  # a list needs no widths
+    assert wrapped.exit_heads[0] is mine and wrapped.heads[0] is mine
+    with pytest.raises(ValueError, match="heads=factory .* needs each exit's width: pass example_input"):
+        wrap(sequential_cnn(), exits=["1"], heads=factory)
+    with pytest.raises(ValueError, match="heads= must be None, a list of 1 modules"):
+        wrap(sequential_cnn(), exits=["1"], heads="mlp", example_input=x)
+    with pytest.raises(ValueError, match="got 2 heads for 1 early exits"):
+        wrap(sequential_cnn(), exits=["1"], heads=[mine, ExitHead(8, 10)])
+    with pytest.raises(ValueError, match="unknown keyword head=; wrap takes heads="):
         wrap(sequential_cnn(), exits=["1"], head=factory)
-    with pytest.raises(ValueError, match="head must be one of"):
-        wrap(sequential_cnn(), exits=["1"], head="mlp", example_input=x)
+    with pytest.raises(ValueError, match="trim= is not supported for torch.fx-traced models"):
+        wrap(sequential_cnn(), exits=["1"], trim=False)
 
 
 def test_wrap_probes_do_not_touch_batchnorm_statistics():
     model = torchvision.models.resnet18(num_classes=10)  # train mode, as built
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    wrap(model, exits=["layer1"], head="conv", example_input=torch.randn(2, 3, 32, 32))
+    wrap(model, exits=["layer1"], heads=ExitHead.conv, example_input=torch.randn(2, 3, 32, 32))
     wrapped = wrap(model, exits=["layer1"])
     wrapped.exit_costs(torch.randn(2, 3, 32, 32))  # builds the heads from one row: a probe too
     after = model.state_dict()
@@ -204,8 +213,8 @@ def test_parameters_are_shared_and_registered_once(resnet):
     keys = list(wrapped.state_dict())
     own = [k for k in keys if not k.startswith("model.")]
     assert [k[len("model."):] for k in keys if k.startswith("model.")] == list(resnet.state_dict())
-    assert own == [f"exit_heads.{k}.classifier.{p}" for k in range(2) for p in ("weight", "bias")] + [
-        "policy._extra_state"]
+    assert own == ["_extra_state"] + [f"exit_heads.{k}.classifier.{p}" for k in range(2)
+                                      for p in ("weight", "bias")] + ["policy._extra_state"]
     n_heads = sum(p.numel() for p in wrapped.exit_heads.parameters())
     assert sum(p.numel() for p in wrapped.parameters()) == sum(p.numel() for p in resnet.parameters()) + n_heads
     assert {id(p) for p in wrapped.stages[1].parameters()} <= {id(p) for p in resnet.parameters()}
@@ -476,14 +485,14 @@ def test_a_convolution_producer_decides_the_layout_over_the_aspect_ratio():
 def test_callable_heads_follow_the_model_dtype():
     model = sequential_cnn().to(torch.bfloat16)
     wrapped = wrap(model, exits=["3"], example_input=torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),
-                   head=lambda width, classes: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                   heads=lambda width, classes: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                                              nn.Linear(width, classes)))
     assert wrapped.heads[0][2].weight.dtype == torch.bfloat16
     out = wrapped.train()(torch.randn(2, 1, 28, 28, dtype=torch.bfloat16))
     assert [o.dtype for o in out] == [torch.bfloat16, torch.bfloat16]
     with pytest.raises(ValueError, match="must return an nn.Module"):
         wrap(model, exits=["3"], example_input=torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),
-             head=lambda width, classes: None)
+             heads=lambda width, classes: None)
 
 
 class _RootBuffer(nn.Module):

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 
 from ...base import AdaptiveModel
 from ...cost import module_device
 from ...early_exit import EarlyExitNet, check_chain
 from ...heads import ExitHead, LogitsHead
 from ...policies import NeverExitPolicy, Policy
-from .heads import HEAD_KINDS, _layout_reader, _make_head
+from ..common import SavedExits, early_heads, follow_mode, refuse_options
+from .heads import _layout_reader, default_head
 from .layouts import CutPoint
 from .split import Split, _check_names, split_model
 
 
-class ModelExits(EarlyExitNet):
+class _FirstStage(nn.Module):
+    """Stage 0 of a model whose default heads wait for their first batch: before running, it builds them from
+    that batch (under a lock), whichever path runs the graph (forward, ``stream``, a ``Server``'s worker)."""
+
+    def __init__(self, owner: "ModelExits", stage: nn.Module):
+        super().__init__()
+        self.__dict__["owner"], self.__dict__["stage"] = owner, stage  # not registered: views only
+
+    def forward(self, x):
+        self.owner._materialize(x)
+        return self.stage(x)
+
+
+_MATERIALIZE = threading.Lock()  # one first batch builds the heads, even when several threads bring one
+
+
+class ModelExits(SavedExits, EarlyExitNet):
     """An existing model split at named modules (:func:`split_model`), with an exit head after each.
 
     ``stages`` are the split's stages plus its tail (the model's own path to its output); ``heads`` the exit
@@ -27,49 +46,59 @@ class ModelExits(EarlyExitNet):
     only the new exit heads (the whole model, its classifier included, is the frozen backbone).
 
     The model is registered once, as ``self.model`` (its ``state_dict`` keys prefixed ``model.``); the
-    pieces are held unregistered, so nothing is counted twice. Without ``example_input`` the default
-    (``"linear"``) heads are built from the first batch the model sees: their parameters exist from the
-    start (uninitialised, so an optimizer built before holds them) and take their width, and the heads
-    their layout reader, from that batch's shapes.
+    pieces are held unregistered, so nothing is counted twice; the early exits' heads are ``exit_heads``
+    (keys ``exit_heads.K.``); the exit names and layouts are saved too (``_extra_state``: loading a state
+    saved for other exits is refused). Without ``example_input`` the default heads are built from the first
+    batch the model sees (under a lock): their parameters exist from the start (uninitialised, so an
+    optimizer built before holds them; left out of ``state_dict`` until then) and take their width, and the
+    heads their layout reader, from that batch's shapes.
 
     Attributes:
-        model: the wrapped model. exits: the exit names. cuts: a :class:`CutPoint` per exit (shape, layout).
+        model: the wrapped model. exits: the exit names. layouts: each exit's layout (``None`` until known).
+        exit_heads: the early exits' heads. cuts: a :class:`CutPoint` per exit (shape, layout).
         notes: what differs from the model (e.g. train-mode auxiliary heads left out).
     """
 
-    def __init__(self, model: nn.Module, split: Split, head="linear", policy: Policy | None = None):
+    def __init__(self, model: nn.Module, split: Split, heads=None, policy: Policy | None = None):
         AdaptiveModel.__init__(self)  # not EarlyExitNet's: the stages must not be registered a second time
-        if not (callable(head) or head in HEAD_KINDS):
-            raise ValueError(f"wrap: head must be one of {HEAD_KINDS} or a callable, got {head!r}")
         self.model = model
         self.exits = [c.name for c in split.cuts]
         self._split = split
         device = module_device(model)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if split.probed:
-            heads = [_make_head(head, cut, self._classes(), device, dtype) for cut in split.cuts]
-        elif head == "linear":
+        widths = [c.feature_dim if c.feature_dim is not None else c.shape[1] for c in split.cuts] if split.probed \
+            else None
+        made = early_heads(heads, len(split.cuts), widths, self._classes() if split.probed else None,
+                           "pass example_input (a batch of one or two inputs), from whose traced shapes the widths "
+                           "are read")
+        if made is not None:
+            made = [h.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+                    if callable(heads) else h for h in made]
+        elif split.probed:
+            made = [default_head(cut, self._classes(), device, dtype) for cut in split.cuts]
+        else:
             with warnings.catch_warnings():  # torch warns that lazy modules are new
                 warnings.simplefilter("ignore", UserWarning)
-                heads = [ExitHead(classifier=nn.LazyLinear(0, device=device, dtype=dtype)) for _ in split.cuts]
-        else:
-            raise ValueError(
-                f"wrap: head={getattr(head, '__name__', head)!r} needs each exit's width: pass example_input (a "
-                "batch of one or two inputs), from whose traced shapes the widths are read"
-            )
-        self.exit_heads = nn.ModuleList(heads)
+                made = [ExitHead(classifier=nn.LazyLinear(0, device=device, dtype=dtype)) for _ in split.cuts]
+        self.exit_heads = nn.ModuleList(made)
         self._logits_head = LogitsHead(self._classes() if split.probed else None)
         self._pending = not split.probed
         check_chain(self.stages, self.heads)
         self.set_policy(policy or NeverExitPolicy())
         # load_state_dict(assign=True) replaces the model's tensors: the traced code must read the new ones
-        self.register_load_state_dict_post_hook(lambda module, keys: module._resync_traced_tensors())
+        self.register_load_state_dict_post_hook(_after_load)
+        self.register_state_dict_post_hook(_drop_uninitialised)
+
+    @property
+    def layouts(self) -> list[str | None]:
+        return [c.layout for c in self._split.cuts]
 
     # -- the chain ------------------------------------------------------------------------------
     @property
     def stages(self) -> tuple[nn.Module, ...]:
         """The split's stages, then its tail (the model's own path from the last exit to its output)."""
-        return (*self._split.stages, self._split.tail)
+        first = _FirstStage(self, self._split.stages[0]) if self._pending else self._split.stages[0]
+        return (first, *self._split.stages[1:], self._split.tail)
 
     @property
     def heads(self) -> tuple[nn.Module, ...]:
@@ -110,7 +139,12 @@ class ModelExits(EarlyExitNet):
             return
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
             return  # an empty batch tells nothing; nothing runs a head on it
-        self._split.probe(x[:1])
+        with _MATERIALIZE:
+            if self._pending:  # another thread may have built them meanwhile
+                self._build_heads(x[:1])
+
+    def _build_heads(self, x: torch.Tensor) -> None:
+        self._split.probe(x)
         classes = self._classes()
         for cut, head in zip(self._split.cuts, self.exit_heads):
             reader = _layout_reader(cut)  # raises for a shape no default head reads, naming the exit
@@ -125,10 +159,9 @@ class ModelExits(EarlyExitNet):
         self._logits_head.num_classes = classes
         self._pending = False
 
-    def prepare_input(self, x):
-        x = super().prepare_input(x)
+    def run(self, x):
         self._materialize(x)
-        return x
+        return super().run(x)
 
     def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         self._materialize(x)
@@ -166,33 +199,58 @@ class ModelExits(EarlyExitNet):
         return f"exits={self.exits}"
 
 
-def wrap(model: nn.Module, exits: Sequence[str], *, head="linear", policy: Policy | None = None,
-         example_input: torch.Tensor | None = None) -> ModelExits:
-    """Wrap ``model`` as an :class:`~adaexit.EarlyExitNet` with an exit after each module named in ``exits``.
+def _after_load(module: "ModelExits", incompatible_keys) -> None:
+    """After ``load_state_dict``: heads still waiting for their first batch were saved without weights (not
+    missing); the traced code reads the model's tensors (``assign=True`` replaces them)."""
+    if module._pending:
+        waiting = tuple(f"exit_heads.{k}." for k, h in enumerate(module.exit_heads) if _uninitialised(h))
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(waiting)]
+    module._resync_traced_tensors()
+
+
+def _uninitialised(module: nn.Module) -> bool:
+    return any(isinstance(p, UninitializedParameter) for p in module.parameters())
+
+
+def _drop_uninitialised(module: "ModelExits", state_dict, prefix, local_metadata) -> None:
+    """Heads still waiting for their first batch have no weights to save: their uninitialised parameters are
+    left out, so the state loads with ``torch.load(weights_only=True)``."""
+    for key in [k for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, UninitializedParameter)]:
+        del state_dict[key]
+
+
+def wrap(model: nn.Module, exits: Sequence[str], **options) -> ModelExits:
+    """Wrap ``model`` as an :class:`~adaexit.EarlyExitNet` with an exit after each module named in ``exits``
+    (see :func:`adaexit.wrap`).
 
     Args:
         model: any single-input model whose forward torch.fx can trace along the way to the exits (every
-            torchvision classification model). Its modules are shared, not copied.
+            torchvision classification model; timm's). Its modules are shared, not copied. Extra forward
+            parameters with defaults keep their defaults.
         exits: dotted module paths as ``model.named_modules()`` names them (``"layer2"``, ``"features.3"``,
             ``"encoder.layers.encoder_layer_5"``), in forward order. A name must be a valid cut: called
             once, returning one tensor, with nothing else live across it (not inside a residual block).
             :func:`candidate_exits` lists the valid ones. The model's own output is always the last exit.
-        head: ``"linear"`` (default: the layout's view, then a pooled linear, fused into the exit-gate
-            kernel: NCHW maps pooled, channels-last maps through a channels-first view, token sequences
-            through their class token), ``"conv"`` (a conv block first; feature maps only) or a callable
-            ``(width, num_classes) -> nn.Module`` that receives the stage output as it is.
+        heads: ``None`` (default: the layout's view, then a pooled linear, fused into the exit-gate kernel:
+            NCHW maps pooled, channels-last maps through a channels-first view, token sequences through their
+            class token), one ``nn.Module`` per early exit (it receives the stage output as it is), or a
+            callable ``(width, num_classes) -> nn.Module`` (e.g. ``ExitHead.conv``; needs ``example_input``).
         policy: the exit policy (default: never exit early, which reproduces ``model``).
         example_input: a batch of one or two inputs. Widths, layouts and the class count come from its
-            traced shapes; ``head="conv"`` and callables need it. Without it the default heads are built
-            from the first batch the model sees.
+            traced shapes. Without it the default heads are built from the first batch the model sees.
+
+    ``trim=`` (Hugging Face only) is refused. The result is in ``model``'s mode (train or eval).
     """
+    refuse_options("torch.fx-traced models", options, ("heads", "policy", "example_input"))
+    example_input = options.get("example_input")
     exits = _check_names(model, exits)
     if not exits:
         raise ValueError("wrap: exits is empty: name at least one module to put an early exit after")
     split = split_model(model, exits, example_input)
     for note in split.notes:
         warnings.warn(f"wrap({type(model).__name__}): {note}", stacklevel=3)  # the caller of adaexit.wrap
-    return ModelExits(model, split, head=head, policy=policy)
+    wrapped = ModelExits(model, split, heads=options.get("heads"), policy=options.get("policy"))
+    return follow_mode(wrapped, model)
 
 
-__all__ = ["CutPoint", "HEAD_KINDS", "ModelExits", "Split", "candidate_exits", "pick_exits", "split_model", "wrap"]
+__all__ = ["CutPoint", "ModelExits", "wrap"]
