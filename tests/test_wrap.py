@@ -536,3 +536,88 @@ def test_pick_exits_skips_cuts_that_save_nothing_and_bad_arguments_are_named():
         wrap(sequential_cnn(), None)
     with pytest.raises(ValueError, match="example_input of shape"):
         wrap(sequential_cnn(), exits=["1"], example_input=torch.randn(1, 3, 28, 28))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved state knows its exits; state before the first batch; mode; pure prepare_input (issues 20, 22)
+# ---------------------------------------------------------------------------------------------
+def _saved(module) -> dict:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_a_model_wrapped_without_example_input_saves_before_its_first_batch():
+    torch.manual_seed(0)
+    wrapped = wrap(sequential_cnn(), exits=["1", "3"])
+    state = _saved(wrapped)  # the heads still wait for their widths: no uninitialised weights in the file
+    assert not any(k.startswith("exit_heads.") for k in state) and state["_extra_state"]["exits"] == ["1", "3"]
+    twin = wrap(sequential_cnn(), exits=["1", "3"])
+    twin.load_state_dict(state)  # strict: the waiting heads are not missing keys
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        out = wrapped(x)  # builds the heads
+    later = _saved(wrapped)
+    assert later["exit_heads.0.classifier.weight"].shape == (10, 8)
+    fresh = wrap(sequential_cnn(), exits=["1", "3"])
+    fresh.load_state_dict(later)  # the waiting heads take the saved widths and weights
+    with torch.no_grad():
+        for a, b in zip(fresh.exit_logits(x), wrapped.exit_logits(x)):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(fresh(x), out, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key.*exit_heads.0.classifier.weight"):
+        wrapped.load_state_dict(state)  # built heads cannot load a state without weights
+
+
+def test_a_state_saved_for_other_exits_is_refused_naming_both(resnet):
+    x = torch.randn(1, 3, 32, 32)
+    state = _saved(wrap(resnet, exits=["layer1", "layer2"], example_input=x))
+    other = wrap(resnet, exits=["layer2", "layer3"], example_input=x)
+    with pytest.raises(ValueError, match=r"saved for exits \['layer1', 'layer2'\].*has exits \['layer2', 'layer3'\]"):
+        other.load_state_dict(state)
+    same = wrap(resnet, exits=["layer1", "layer2"], example_input=x)
+    same.load_state_dict(state)
+    assert same.get_extra_state() == {"exits": ["layer1", "layer2"], "layouts": ["nchw", "nchw"]}
+    swin = M.swin_t(num_classes=3)
+    saved = _saved(wrap(swin, exits=["features.1"], example_input=torch.randn(1, 3, 32, 32)))
+    saved["_extra_state"] = {"exits": ["features.1"], "layouts": ["nchw"]}
+    with pytest.raises(ValueError, match="exit 'features.1' was saved with layout 'nchw', but reads 'nhwc'"):
+        wrap(swin, exits=["features.1"], example_input=torch.randn(1, 3, 32, 32)).load_state_dict(saved)
+
+
+def test_wrap_returns_a_model_in_the_mode_of_the_model():
+    x = torch.randn(3, 1, 12, 12)
+    evaluated = wrap(sequential_cnn().eval(), exits=["1"])
+    assert not evaluated.training and not any(m.training for m in evaluated.modules())
+    with torch.no_grad():
+        assert torch.equal(evaluated(x), evaluated.model(x))  # one tensor, not a list of every exit
+    trained = wrap(sequential_cnn().train(), exits=["1"], example_input=x)
+    assert trained.training and isinstance(trained(x), list)
+    mixed = sequential_cnn().train()
+    mixed[0].eval()  # a user's mixed modes survive
+    wrapped = wrap(mixed, exits=["1"], example_input=x)
+    assert wrapped.training and wrapped.exit_heads[0].training and not mixed[0].training and mixed[2].training
+
+
+def test_prepare_input_builds_nothing_and_streaming_builds_the_heads_once():
+    wrapped = wrap(sequential_cnn(), exits=["1", "3"])
+    x = torch.randn(6, 1, 12, 12)
+    assert wrapped.prepare_input(x) is x
+    assert wrapped._pending and state_is_waiting(wrapped)  # validation only
+    streamed = torch.cat(list(stream(wrapped, [x[:2], x[2:5], x[5:]], batch_size=4)))  # no forward before
+    assert not wrapped._pending and not state_is_waiting(wrapped)
+    with torch.no_grad():  # the same rows in other batches: equal to float rounding (convolutions per batch size)
+        torch.testing.assert_close(streamed, wrapped(x))
+        torch.testing.assert_close(streamed, wrapped.model(x))
+
+
+def state_is_waiting(wrapped) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in wrapped.exit_heads.parameters())
+
+
+def test_both_backends_build_the_same_shape_of_model(resnet):
+    wrapped = wrap(resnet, exits=["layer1"], example_input=torch.randn(1, 3, 32, 32))
+    assert wrapped.exits == ["layer1"] and wrapped.layouts == ["nchw"] and len(wrapped.exit_heads) == 1
+    assert dict(wrapped.named_modules())["model"] is resnet
+    assert list(wrapped.heads)[:-1] == list(wrapped.exit_heads) and len(wrapped.stages) == 2
