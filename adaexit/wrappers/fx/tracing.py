@@ -3,6 +3,7 @@ dead-code elimination keeps (in-place writes)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections import Counter
@@ -97,22 +98,49 @@ class _mode:
             m.training = flag
 
 
+def _defaults(model: nn.Module) -> dict[str, Any]:
+    """The forward's parameters after the first that have defaults (timm's ViT: ``attn_mask=None``,
+    ``is_causal=False``): not inputs, but constants the trace keeps at their defaults."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: trace as is
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
+def _drop_specialised(graph: fx.Graph) -> None:
+    """Remove the placeholders fx keeps for parameters traced at their defaults (they carry the default as
+    ``args``) and the checks on them (``_assert_is_none``): the pieces then take the one input only."""
+    specialised: set[fx.Node] = set()
+    for n in graph.nodes:
+        if (n.op == "placeholder" and n.args) or (
+                n.op != "placeholder" and n.all_input_nodes and all(i in specialised for i in n.all_input_nodes)):
+            specialised.add(n)
+    for n in reversed(list(graph.nodes)):
+        if n in specialised and all(u in specialised for u in n.users):
+            graph.erase_node(n)
+
+
 def _trace(model: nn.Module, leaf: Callable[[nn.Module, str], bool], training: bool = False) -> _Trace:
-    """Trace ``model`` (in eval mode unless ``training``) with the given leaf rule; dead code removed."""
+    """Trace ``model`` (in eval mode unless ``training``) with the given leaf rule; dead code removed. Forward
+    parameters after the first that have defaults keep them (a single-input model)."""
     tracer = _CutTracer(leaf)
+    defaults = _defaults(model)
     try:
         with _mode(model, training):
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as err:
         raise ValueError(
             f"wrap: torch.fx cannot trace {type(model).__name__}.forward ({type(err).__name__}: {err}); only the "
             "forward of the model and of the containers holding an exit is traced, the rest runs as is"
         ) from err
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _drop_specialised(gm.graph)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise ValueError(
-            f"wrap: {type(model).__name__}.forward takes {len(inputs)} inputs "
+            f"wrap: {type(model).__name__}.forward takes {len(inputs)} inputs without defaults "
             f"({', '.join(str(n.target) for n in inputs)}); only single-input models can be split"
         )
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)  # keeps asserts and in-place writes
