@@ -104,7 +104,7 @@ def follow(table, successors, n):
 def test_graph_numbering_and_successors():
     c = build("with_een")
     assert c.num_exits == 4
-    assert c.node_model == [0, 1, 1, 2]
+    assert c.node_members() == [0, 1, 1, 2]
     # next node first (so an exit mask maps to 0/1), then later network entries; never mid-EarlyExitNet
     assert c.successors == [(1, 3), (2, 3), (3,), ()]
     assert "exit 1" in c.node_names[2]
