@@ -401,3 +401,12 @@ def test_pipelines_take_the_wrapped_model_with_the_plain_models_answers():
     v_ee = adaexit.wrap(vit, exits=exits("vit"))
     assert pipeline("image-classification", model=v_ee, image_processor=processor)(images, top_k=3) == pipeline(
         "image-classification", model=vit, image_processor=processor)(images, top_k=3)
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    model = small("bert")
+    ee = adaexit.wrap(model, exits=exits("bert"), policy=ConfidencePolicy("maxprob", [0.3, 0.3]))
+    x = {k: v[:0] for k, v in token_batch().items()}
+    with torch.no_grad():
+        out, info = ee(**x, return_info=True)
+    assert out.logits.shape == (0, 5) and info.exit_index.shape == (0,)

@@ -621,3 +621,12 @@ def test_both_backends_build_the_same_shape_of_model(resnet):
     assert wrapped.exits == ["layer1"] and wrapped.layouts == ["nchw"] and len(wrapped.exit_heads) == 1
     assert dict(wrapped.named_modules())["model"] is resnet
     assert list(wrapped.heads)[:-1] == list(wrapped.exit_heads) and len(wrapped.stages) == 2
+
+
+def test_a_bad_first_batch_is_named_when_it_builds_the_heads():
+    wrapped = wrap(sequential_cnn(), exits=["1"])
+    with pytest.raises(ValueError, match="stage 0: building the exit heads from the first batch, Sequential failed"):
+        wrapped(torch.randn(2, 3, 12, 12))  # 3 channels for a 1-channel model
+    assert wrapped._pending  # nothing was built from it: a good batch still can
+    with torch.no_grad():
+        assert wrapped(torch.randn(2, 1, 12, 12)).shape == (2, 10)

@@ -37,8 +37,10 @@ class _Probe(fx.Interpreter):
         return out
 
 
-def _probe(trace: _Trace, example_input: torch.Tensor, flops: bool) -> _Probe:
-    """One eval-mode, no-grad run: a probe never updates BatchNorm statistics or builds an autograd graph."""
+def _probe(trace: _Trace, example_input: torch.Tensor, flops: bool,
+           what: str = "wrap: {model} failed on example_input") -> _Probe:
+    """One eval-mode, no-grad run: a probe never updates BatchNorm statistics or builds an autograd graph.
+    ``what`` starts the error message (``{model}`` is the model's class name)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or example_input.shape[0] < 1:
@@ -54,7 +56,7 @@ def _probe(trace: _Trace, example_input: torch.Tensor, flops: bool) -> _Probe:
                 probe.run(example_input)
         except Exception as err:
             raise ValueError(
-                f"wrap: {type(trace.model).__name__} failed on example_input of shape {tuple(example_input.shape)} "
+                f"{what.format(model=type(trace.model).__name__)} of shape {tuple(example_input.shape)} "
                 f"({type(err).__name__}: {str(err).splitlines()[0]}); pass a batch the model itself accepts"
             ) from err
     return probe

@@ -86,6 +86,7 @@ class ModelExits(SavedExits, EarlyExitNet):
         check_chain(self.stages, self.heads)
         self.set_policy(policy or NeverExitPolicy())
         # load_state_dict(assign=True) replaces the model's tensors: the traced code must read the new ones
+        self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_after_load)
         self.register_state_dict_post_hook(_drop_uninitialised)
 
@@ -144,7 +145,8 @@ class ModelExits(SavedExits, EarlyExitNet):
                 self._build_heads(x[:1])
 
     def _build_heads(self, x: torch.Tensor) -> None:
-        self._split.probe(x)
+        self._split.probe(x, what="stage 0: building the exit heads from the first batch, {model} failed on its "
+                                  "first row")
         classes = self._classes()
         for cut, head in zip(self._split.cuts, self.exit_heads):
             reader = _layout_reader(cut)  # raises for a shape no default head reads, naming the exit
@@ -199,11 +201,16 @@ class ModelExits(SavedExits, EarlyExitNet):
         return f"exits={self.exits}"
 
 
+def _before_load(module: "ModelExits", state_dict, prefix, *args) -> None:
+    module.__dict__["_load_prefix"] = prefix  # where this model sits in the state being loaded (a cascade member)
+
+
 def _after_load(module: "ModelExits", incompatible_keys) -> None:
     """After ``load_state_dict``: heads still waiting for their first batch were saved without weights (not
     missing); the traced code reads the model's tensors (``assign=True`` replaces them)."""
     if module._pending:
-        waiting = tuple(f"exit_heads.{k}." for k, h in enumerate(module.exit_heads) if _uninitialised(h))
+        prefix = module.__dict__.get("_load_prefix", "")
+        waiting = tuple(f"{prefix}exit_heads.{k}." for k, h in enumerate(module.exit_heads) if _uninitialised(h))
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(waiting)]
     module._resync_traced_tensors()
 

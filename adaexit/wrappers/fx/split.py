@@ -35,9 +35,10 @@ class Split:
     def pieces(self) -> list[fx.GraphModule]:
         return [*self.stages, self.tail]
 
-    def probe(self, example_input: torch.Tensor) -> None:
-        """Shapes, dtypes and layouts of every cut and of the model's output, from one eval-mode run."""
-        probe = _probe(self._trace, example_input, flops=False)
+    def probe(self, example_input: torch.Tensor, what: str = "wrap: {model} failed on example_input") -> None:
+        """Shapes, dtypes and layouts of every cut and of the model's output, from one eval-mode run (``what``
+        starts the error message if the model fails on it)."""
+        probe = _probe(self._trace, example_input, flops=False, what=what)
         nodes = self._trace.nodes
         tok = _token_index(nodes)
         for cut, node in zip(self.cuts, self._cut_nodes):

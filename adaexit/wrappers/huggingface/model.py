@@ -50,6 +50,8 @@ class EncoderSegment(nn.Module):
             hidden = self.family.embed(self.embeddings, x)
             x = SequenceBatch(hidden, x.attention_mask, self.trim)
         hidden, mask = x.hidden, x.mask
+        if hidden.shape[0] == 0:  # no rows: the layers keep the shape (their attention reshapes cannot infer it)
+            return SequenceBatch(hidden, mask, self.trim)
         mask4 = self.attention_mask(mask, hidden)
         for layer in self.layers:
             out = layer(hidden, mask4)
