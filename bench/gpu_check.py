@@ -88,6 +88,7 @@ from adaexit.kernels import (
     partition_torch,
     scatter_rows,
     scatter_rows_torch,
+    set_backend,
 )
 from adaexit.kernels import _layout
 from adaexit.kernels._triton import HAS_TRITON, triton
@@ -1801,7 +1802,7 @@ def main(argv: list[str] | None = None) -> int:
     _reexec_if_needed(args.dry_run, t0)
 
     run = Run(args, t0, device)
-    with _env(ADAEXIT_BACKEND="triton"):
+    with set_backend("triton"):
         run.report["environment"] = environment(device)
     run.arm_watchdog()
     saved_threads = torch.get_num_threads()
@@ -1810,7 +1811,7 @@ def main(argv: list[str] | None = None) -> int:
         # numpy under the interpreter warns on the NaN/Inf rows the non-finite cases feed in on purpose
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
     try:
-        with _env(ADAEXIT_BACKEND="triton"):  # the kernels, never the references, on every device
+        with set_backend("triton"):  # the kernels, never the references, on every device
             for i, name in enumerate(SECTIONS):
                 sec_record = run.report["sections"][name]
                 left = run.now_left()

@@ -19,19 +19,34 @@ from bench.kernel_cases import ATOL_PER_SQRT_K, RTOL, tolerance  # noqa: E402,F4
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
+def triton_backend():
     """Run adaexit.kernels through the Triton kernels (the interpreter, on CPU)."""
     pytest.importorskip("triton", reason="the Triton kernels need triton installed")
-    monkeypatch.setenv("ADAEXIT_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
+    from adaexit.kernels import set_backend
+
+    with set_backend("triton"):
+        yield
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
+def torch_backend():
     """Run adaexit.kernels through the torch references."""
-    monkeypatch.setenv("ADAEXIT_BACKEND", "torch")
-    yield
+    from adaexit.kernels import set_backend
+
+    with set_backend("torch"):
+        yield
+
+
+@pytest.fixture
+def use_backend():
+    """``use_backend(name)`` sets the kernel backend ("auto", "torch", "triton") for the rest of the test; the
+    previous one is restored afterwards."""
+    from adaexit.kernels import set_backend
+
+    switches = []
+    yield lambda name: switches.append(set_backend(name))
+    for switch in reversed(switches):
+        switch.__exit__()
 
 
 @pytest.fixture(autouse=True)

@@ -113,9 +113,9 @@ def _run(tmp_path, budget_s=1000.0, dry_run=True):
 
 
 @pytest.mark.interpreter
-def test_section_out_of_time_skips_the_rest(tmp_path, monkeypatch):
+def test_section_out_of_time_skips_the_rest(tmp_path, use_backend):
     """A section past its deadline records every remaining case as skipped and ends "incomplete"."""
-    monkeypatch.setenv("ADAEXIT_BACKEND", "triton")
+    use_backend("triton")
     run = _run(tmp_path)
     sec = gpu_check.Section(run, "correctness", time.time() - 1)
     gpu_check.correctness(sec)
