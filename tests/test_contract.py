@@ -234,6 +234,12 @@ def spread(kind: Kind, model, x) -> None:
     model.set_policy(ConfidencePolicy("maxprob", thresholds))
 
 
+def exit_index_of(info) -> torch.Tensor:
+    """The exit index of what ``stream`` / ``Server`` return with ``return_info=True``: an ``ExitInfo``'s, or
+    (until they return the one info type, issue 20.2) the bare exit-index tensor."""
+    return info.exit_index if isinstance(info, ExitInfo) else info
+
+
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-4)
 
@@ -360,10 +366,12 @@ def test_stream_equals_per_batch_calls(kind):
     batches = _batches(kind)
     with torch.no_grad():
         expected = [logits_of(call(model, b)) for b in batches]
-    got = [logits_of(out) for out in adaexit.stream(model, batches, batch_size=4)]
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        close(g, e)
+    outputs = list(adaexit.stream(model, batches, batch_size=4, return_info=True))
+    assert len(outputs) == len(expected)
+    for (out, info), e, b in zip(outputs, expected, batches):
+        close(logits_of(out), e)
+        with torch.no_grad():
+            assert torch.equal(exit_index_of(info), call(model, b, return_info=True)[1].exit_index)
 
 
 @pytest.mark.parametrize("kind", cases("server"))
@@ -373,11 +381,13 @@ def test_server_equals_per_batch_calls(kind):
     batches = _batches(kind)
     with torch.no_grad():
         expected = [logits_of(call(model, b)) for b in batches]
+        expected_exits = [call(model, b, return_info=True)[1].exit_index for b in batches]
     with adaexit.Server(model, batch_size=4, max_wait_ms=1) as server:
-        futures = [server.submit(b) for b in batches]
-        got = [logits_of(f.result(timeout=120)) for f in futures]
-    for g, e in zip(got, expected):
-        close(g, e)
+        futures = [server.submit(b, return_info=True) for b in batches]
+        got = [f.result(timeout=120) for f in futures]
+    for (out, info), e, exits in zip(got, expected, expected_exits):
+        close(logits_of(out), e)
+        assert torch.equal(exit_index_of(info), exits)
 
 
 @pytest.mark.parametrize("kind", cases("calibrate"))
@@ -393,6 +403,7 @@ def test_calibrate_runs(kind):
     assert model.policy is result.policy
     with torch.no_grad():
         assert logits_of(call(model, x)).shape == (32, KIND_CLASSES)
+    _check_loaded(kind, model, x)  # the calibrated policy travels in the state_dict
 
 
 @pytest.mark.parametrize("kind", cases("bad_input"))
