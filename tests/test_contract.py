@@ -89,17 +89,7 @@ BAD_WIDTH = (UNNAMED_IN_EXECUTOR.format("RuntimeError: mat1 and mat2 shapes cann
 BAD_CHANNELS = (UNNAMED_IN_EXECUTOR.format("RuntimeError: Given groups=1, weight of size [.., 3, .., ..], expected "
                                            "input[4, 5, 32, 32] to have 3 channels, but got 5 channels instead"),
                 AssertionError)
-LAZY_HEADS = {
-    "state_dict_fresh": (
-        "_pickle.UnpicklingError: Weights only load failed: wrap() without example_input saves its exit heads as "
-        "uninitialised lazy parameters before the first batch; owned by wrappers", pickle.UnpicklingError),
-    "bad_input": (
-        "the first batch's failure is reported as 'wrap: Sequential failed on example_input of shape (1, 11)' though "
-        "no example_input was passed, naming no node; owned by wrappers", AssertionError),
-}
 HF_FAILURES = {
-    "empty": ("RuntimeError: cannot reshape tensor of 0 elements into shape [0, 9, -1, 8]: the wrapped encoder "
-              "fails on an empty batch; owned by wrappers", RuntimeError),
     "calibrate": ("ValueError: data must be an (x, y) pair of tensors or an iterable of (x, y) batches: calibrate "
                   "refuses keyword-input batches (adaexit.data.batches); owned by calibration", ValueError),
 }
@@ -138,10 +128,8 @@ EARLY_EXIT_MEMBERS = {  # early-exit kinds that take VEC_DIM features
     "wrap/sequential_lazy_heads": partial(wrap_sequential_kind, example_input=False),
 }
 IMAGE_MEMBERS = {"wrap/torchvision": (wrap_torchvision_kind, None), "wrap/timm": (wrap_timm_kind, "timm")}
-# alone; in a cascade the first batch runs the dense class-count check, which names the node
-MEMBER_XFAIL = {"wrap/sequential_lazy_heads": LAZY_HEADS}
 ALONE_XFAIL = {name: {"bad_input": BAD_WIDTH} for name in EARLY_EXIT_MEMBERS} | {
-    name: {"bad_input": BAD_CHANNELS} for name in IMAGE_MEMBERS} | {"wrap/sequential_lazy_heads": LAZY_HEADS}
+    name: {"bad_input": BAD_CHANNELS} for name in IMAGE_MEMBERS} | {"wrap/sequential_lazy_heads": {}}
 
 
 def plain_vec(seed, hidden=8):
@@ -171,7 +159,7 @@ KINDS: list[Kind] = [
     Kind("cascade/early_exit_middle", cascade_of(plain_vec, partial(early_exit_kind, "linear"),
                                                  partial(plain_vec, hidden=32)), vec, bad_vec),
     # the combination: a cascade whose last member is an early-exit model, for every early-exit kind
-    *[Kind(f"combination/{name}", cascade_of(plain_vec, build), vec, bad_vec, xfail=MEMBER_XFAIL.get(name, {}))
+    *[Kind(f"combination/{name}", cascade_of(plain_vec, build), vec, bad_vec, xfail={})
       for name, build in EARLY_EXIT_MEMBERS.items()],
     *[Kind(f"combination/{name}", cascade_of(plain_image, build), image, bad_image, needs=needs)
       for name, (build, needs) in IMAGE_MEMBERS.items()],
