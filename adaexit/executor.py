@@ -341,7 +341,9 @@ def run_node(nodes: list[Node], i: int, part: Part, router: Router, packing: Pac
     g = 1 if groups is None else groups[1]
     key = route if g == 1 else torch.add(meta[:, 1], route, alpha=g).sub_(groups[0])
     order, counts = partition(key, num_routes * g)
-    need = features.route_lengths(route, num_routes) if isinstance(features, RowBatch) else None
+    need = None
+    if isinstance(features, RowBatch):  # (RowBatch.route_lengths reads routes as long, as documented)
+        need = features.route_lengths(route.long() if route.dtype == torch.bool else route, num_routes)
     host = to_host(counts if need is None else torch.cat([counts, need.to(counts.dtype)]))  # the one sync
     lengths = host[num_routes * g :] or None
     sizes = [sum(host[r * g : (r + 1) * g]) for r in range(num_routes)]

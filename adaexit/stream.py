@@ -362,16 +362,19 @@ def prepare(model: AdaptiveModel, x, where: str):
 
 
 def batch_info(model: AdaptiveModel, scheduler: Scheduler, x, visits: torch.Tensor):
-    """The :class:`~adaexit.ExitInfo` of one streamed batch ``x`` (one host sync). A model without exit
-    costs (a D2NN: controllers, not an exit policy) gets NaN FLOPs."""
+    """The :class:`~adaexit.ExitInfo` of one streamed batch ``x`` (one host sync). A model whose nodes, not an
+    exit policy, carry the costs (a D2NN: ``node_flops`` / ``max_path_flops``) gets them from its nodes."""
     trace = scheduler.exit_trace(visits)
-    try:
+    node_flops = getattr(model, "node_flops", None)
+    if node_flops is None or not num_rows(x):
         return model.exit_info(x, trace)
-    except ValueError:
-        if num_rows(x) and type(model).exit_costs is not AdaptiveModel.exit_costs:
-            return ExitInfo(trace.exit_index, trace.exit_counts, trace.rows_run, trace.rows_decided,
-                            float("nan"), float("nan"), model.node_names)
-        raise
+    flops = [float(f) for f in node_flops(x)]
+    k = len(flops)
+    bits = ((visits[:, None] >> torch.arange(k, device=visits.device)) & 1).double()
+    return ExitInfo(trace.exit_index, trace.exit_counts, trace.rows_run, trace.rows_decided,
+                    float(sum(r * f for r, f in zip(trace.rows_run, flops))),
+                    float(num_rows(x) * model.max_path_flops(x)), model.node_names,
+                    flops_per_row=bits @ torch.tensor(flops, dtype=torch.float64, device=visits.device))
 
 
 def _outputs(model: AdaptiveModel, scheduler: Scheduler, return_info: bool):
