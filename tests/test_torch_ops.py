@@ -24,22 +24,22 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
 def _cases():
     """(op name, args) of the op overloads themselves (positional, as the public functions call them)."""
-    g = torch.Generator().manual_seed(0)
-    h2, h4 = torch.randn(9, 12, generator=g), torch.randn(5, 6, 3, 2, generator=g)
-    w, b = torch.randn(7, 12, generator=g), torch.randn(7, generator=g)
-    x = torch.randn(10, 3, 4, generator=g)
-    cl = torch.randn(10, 3, 2, 2, generator=g).to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    h2, h4 = torch.randn(9, 12), torch.randn(5, 6, 3, 2)
+    w, b = torch.randn(7, 12), torch.randn(7)
+    x = torch.randn(10, 3, 4)
+    cl = torch.randn(10, 3, 2, 2).to(memory_format=torch.channels_last)
     keep = torch.tensor([True, False, True, True, False, False, True, False, True, True])
     return [
         ("exit_gate", (h2, w, b, "maxprob", 0.3, None)),
-        ("exit_gate", (h4, torch.randn(4, 6, generator=g), None, "learned", 0.5, torch.tensor([1.0, 2.0, 3.0, -1.0]))),
+        ("exit_gate", (h4, torch.randn(4, 6), None, "learned", 0.5, torch.tensor([1.0, 2.0, 3.0, -1.0]))),
         ("exit_gate", (h2, None, None, "entropy", 0.2, None)),
-        ("partition", (torch.randint(0, 3, (20,), generator=g), 3, None)),
-        ("partition", (torch.randint(0, 3, (20,), generator=g), 3, 5)),
+        ("partition", (torch.randint(0, 3, (20,)), 3, None)),
+        ("partition", (torch.randint(0, 3, (20,)), 3, 5)),
         ("gather_rows", (x, torch.tensor([3, 0, 9, 3]), False)),
         ("gather_rows", (cl, torch.tensor([1, -1, 4]), True)),
-        ("scatter_rows", (x.clone(), torch.tensor([4, 1, 7]), torch.randn(3, 3, 4, generator=g), False)),
-        ("scatter_rows", (x.clone(), torch.tensor([4, -1, 7]), torch.randn(3, 3, 4, generator=g), True)),
+        ("scatter_rows", (x.clone(), torch.tensor([4, 1, 7]), torch.randn(3, 3, 4), False)),
+        ("scatter_rows", (x.clone(), torch.tensor([4, -1, 7]), torch.randn(3, 3, 4), True)),
         ("compact", (keep, [x, cl, torch.arange(10)], None)),
         ("compact", (keep, [x, torch.arange(10)], 4)),
     ]
@@ -61,10 +61,10 @@ def test_ops_are_registered():
 
 def _calls():
     """(op name, public function call) for the fullgraph test: each call returns a tuple of tensors."""
-    g = torch.Generator().manual_seed(1)
-    h, w = torch.randn(8, 6, generator=g), torch.randn(4, 6, generator=g)
-    x, index = torch.randn(8, 3, generator=g), torch.tensor([5, 0, 2])
-    route, keep = torch.tensor([1, 0, 2, 1, 0, 0, 2, 1]), torch.rand(8, generator=g) < 0.5
+    torch.manual_seed(1)
+    h, w = torch.randn(8, 6), torch.randn(4, 6)
+    x, index = torch.randn(8, 3), torch.tensor([5, 0, 2])
+    route, keep = torch.tensor([1, 0, 2, 1, 0, 0, 2, 1]), torch.rand(8) < 0.5
 
     def scatter(out, index, src):
         return (scatter_rows(out, index, src) * 1,)
@@ -125,9 +125,9 @@ def test_fullgraph_under_inductor():
 def test_exit_gate_autograd(backend, use_backend):
     """Gradients of logits and score w.r.t. h, weight, bias and the learned gate equal the reference's."""
     use_backend(backend)
-    g = torch.Generator().manual_seed(2)
-    h = torch.randn(6, 5, 2, generator=g)
-    w, b = torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    torch.manual_seed(2)
+    h = torch.randn(6, 5, 2)
+    w, b = torch.randn(4, 5), torch.randn(4)
     gate = torch.tensor([1.0, -1.0, 0.5, 0.2])
     grads = []
     for fn in (exit_gate, exit_gate_torch):
