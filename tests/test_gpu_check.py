@@ -161,3 +161,18 @@ def test_without_cuda_a_gpu_run_is_refused(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     report = _report(tmp_path)
     assert all(s["status"] == "skipped" and "--dry-run" in s["reason"] for s in report["sections"].values())
+
+
+def test_targets_apply_to_compaction_and_the_memory_bound_gate():
+    names = {
+        "test_compact_adaexit[4096]": True,
+        "test_compact_adaexit_static_capacity[4096]": True,
+        "test_gather_rows_adaexit[4096]": True,
+        "test_compact_adaexit[256]": False,
+        "test_partition_adaexit[4096]": False,
+        "test_compact_baseline_boolean_mask[4096]": False,
+        "test_bench_exit_gate[N256_D512_K10-exit_gate]": True,
+        "test_bench_exit_gate[N256_D512_K10-torch_unfused]": False,
+        "test_bench_exit_gate[N256_D512_K1000-exit_gate]": False,
+    }
+    assert {name: gpu_check._has_target(name) for name in names} == names

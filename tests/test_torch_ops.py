@@ -216,3 +216,26 @@ def test_profiler_sees_the_ops():
         compact(route == 0, x)
     names = {event.key for event in prof.key_averages()}
     assert {f"adaexit::{op}" for op in OPS} <= names, sorted(names)
+
+
+def test_one_bytes_model_per_op():
+    """``adaexit.kernels.ops.<op>.bytes_moved``: the one model every benchmark and the GPU kit use."""
+    from adaexit.kernels.ops import compact as compact_op
+    from adaexit.kernels.ops import exit_gate as exit_gate_op
+    from adaexit.kernels.ops import gather_rows as gather_op
+    from adaexit.kernels.ops import partition as partition_op
+    from adaexit.kernels.ops import scatter_rows as scatter_op
+
+    # one block: routes read, order and counts written
+    assert partition_op.bytes_moved(torch.zeros(256, dtype=torch.int64), 2) == 256 * 8 + 256 * 8 + 2 * 8
+    # several blocks: histogram + scan + scatter, each stated in kernels/ops/partition.py
+    n, nb = 65536, 65536 // partition_op._BLOCK
+    hist, scan, scatter = n * 8 + 4 * nb * 2, 4 * nb * 2 + 8 * nb * 2 + 16, n * 8 + 8 * nb * 2 + 8 * n
+    assert partition_op.bytes_moved(torch.zeros(n, dtype=torch.int64), 2) == hist + scan + scatter
+    # 1024 fp16 per row fits one column chunk: rows read and written, the index once
+    x, index = torch.zeros(300, 1024, dtype=torch.float16), torch.zeros(100, dtype=torch.int64)
+    assert gather_op.bytes_moved(x, index) == scatter_op.bytes_moved(x[:100], index) == 2 * 100 * 2048 + 100 * 8
+    h, w = torch.zeros(4, 8, 3, dtype=torch.float16), torch.zeros(10, 8)
+    assert exit_gate_op.bytes_moved(h, w, torch.zeros(10)) == 4 * 8 * 3 * 2 + 10 * 8 * 4 + 40 + 4 * 10 * 4 + 16 + 4
+    keep, rows = torch.zeros(10, dtype=torch.bool), torch.zeros(10, 8)
+    assert compact_op.bytes_moved(keep, rows, kept=4) < compact_op.bytes_moved(keep, rows, kept=4, capacity=10)
