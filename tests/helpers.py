@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaexit import Cascade, ConfidencePolicy, EarlyExitNet, ExitHead, NetworkSelectionPolicy
+from adaexit import Cascade, ConfidencePolicy, EarlyExitNet, ExitHead, NetworkSelectionPolicy, wrap
 from adaexit.kernels import exit_gate_torch
 
 
@@ -318,3 +318,40 @@ def d2nn_kind(topology: str, seed: int = 0):
         for controller in model.controllers.values():
             controller.out.weight.mul_(4.0)
     return model.eval(), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapped models (the torchvision and timm sweeps)
+# ---------------------------------------------------------------------------------------------
+def median_threshold(scores: torch.Tensor) -> float:
+    """A threshold at the median score, placed in the widest gap between the middle scores, so that the
+    rounding of a sub-batch cannot move a row across it."""
+    s = torch.sort(scores.double()).values
+    n = s.shape[0]
+    # between rows j and j + 1 of the sorted scores; j = n // 2 - 1 splits them in halves
+    j = max(range(n // 2 - 2, n // 2 + 1), key=lambda i: float(s[i + 1] - s[i]) if 0 <= i < n - 1 else -1.0)
+    return float((s[j] + s[j + 1]) / 2)
+
+
+def check_wrap(name: str, model: nn.Module, x: torch.Tensor, exits: Sequence[str]) -> dict:
+    """Wrap ``model`` (in eval mode) at ``exits``; assert that the never-exit output is the model's, bit for
+    bit, and that under thresholds at each exit's median confidence every row leaves at its first confident
+    exit with that exit's dense logits. Returns the exits, their layouts and the exit counts."""
+    wrapped = wrap(model, exits=exits, example_input=x[:1])
+    assert not wrapped.training, f"{name}: wrap of an eval-mode model must be in eval mode"
+    with torch.no_grad():
+        reference = model(x)
+        assert torch.equal(wrapped(x), reference), f"{name}: never-exit output differs from the model's"
+        dense = wrapped.exit_logits(x)
+    assert torch.equal(dense[-1], reference)
+    scores = torch.stack([exit_gate_torch(z.float(), None)[1] for z in dense])
+    thresholds = [median_threshold(scores[k]) for k in range(len(exits))]
+    wrapped.set_policy(ConfidencePolicy("maxprob", thresholds))
+    with torch.no_grad():
+        out, info = wrapped(x, return_info=True)
+    want = first_exit(scores, thresholds)
+    assert torch.equal(info.exit_index, want), f"{name}: exits {info.exit_index.tolist()} != {want.tolist()}"
+    expected = torch.stack(dense)[want, torch.arange(x.shape[0])]
+    # sub-batches round differently from the full batch (deep models: up to ~2e-5 on a logit)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    return {"exits": list(exits), "layouts": list(wrapped.layouts), "exit_counts": info.exit_counts}
