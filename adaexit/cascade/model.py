@@ -42,6 +42,8 @@ node's network run alone), so ``lam = 1`` means "spending the biggest network on
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -50,6 +52,10 @@ from ..cost import eval_mode
 from ..executor import CARRY, SOURCE, Node, validate_graph
 from ..heads import LogitsHead
 from ..policies import NeverExitPolicy, Policy
+
+# What a cascade learns from its first batch (members' lazily built heads, the class count) is written
+# once, under this lock (module-level: a lock attribute would break copy.deepcopy and pickling).
+_FIRST_BATCH = threading.RLock()
 
 
 class Cascade(AdaptiveModel):
@@ -198,12 +204,15 @@ class Cascade(AdaptiveModel):
         return super().exit_costs(x, cost)
 
     def prepare_input(self, x):
+        """Check ``x``; on the first batch, let members build what they build from it and check that all
+        nodes agree on the class count. Under a lock: :class:`adaexit.Server` calls this on client threads."""
         x = super().prepare_input(x)
-        self._prepare_members(x)
-        if self.num_classes is None:
-            if x.shape[0] > 0:
-                self.check_classes(x)  # first sparse run: all nodes must agree before any row exits
-            else:
-                self._probe_empty(x)
+        with _FIRST_BATCH:
+            self._prepare_members(x)
+            if self.num_classes is None:
+                if x.shape[0] > 0:
+                    self.check_classes(x)  # first sparse run: all nodes must agree before any row exits
+                else:
+                    self._probe_empty(x)
         return x
 
