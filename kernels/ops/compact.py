@@ -25,7 +25,9 @@ import torch
 
 from .._dispatch import direct_call, to_host, use_triton
 from .._layout import empty_rows, in_row_layout
+from .gather_rows import bytes_moved as gather_bytes
 from .gather_rows import gather_rows_triton, padded_rows_torch
+from .partition import bytes_moved as partition_bytes
 from .partition import partition_triton
 
 # compact launches partition's and gather_rows' kernels (listed in their COMPILE_SPECS); none of its own.
@@ -78,6 +80,23 @@ def _compact_triton(keep: torch.Tensor, tensors, capacity):
         kept_index[:m] = torch.where(slot < counts[0], order[:m], -1)
     # kept_index is valid by construction (or -1 padding, which the kernel turns into zero rows)
     return [kept_index, *(gather_rows_triton(t, kept_index) for t in tensors)]
+
+
+def bytes_moved(keep: torch.Tensor, *tensors: torch.Tensor, kept: int, capacity: int | None = None) -> int:
+    """The bytes-moved model of ``compact(keep, *tensors, capacity=capacity)`` when ``kept`` rows are kept:
+    ``~keep`` (read and write ``N`` bools), partition of that uint8 route into 2 routes, a gather of the kept
+    rows of each tensor. ``capacity=None`` reads the kept count back (8 B); ``capacity=c`` instead builds
+    ``kept_index`` on the device (a ``c``-slot fill and ~5 int64 passes over ``min(c, N)`` slots) and writes
+    ``c`` rows of each tensor, ``c - kept`` of them zeros."""
+    n = keep.shape[0]
+    moved = 2 * n + partition_bytes(keep.view(torch.uint8), 2)
+    rows = kept if capacity is None else min(kept, capacity)
+    moved += sum(gather_bytes(t, keep.new_empty(rows, dtype=torch.int64)) for t in tensors)
+    if capacity is None:
+        return moved + 8
+    m = min(capacity, n)
+    pad = sum((capacity - rows) * (t[0].numel() if n else 0) * t.element_size() for t in tensors)
+    return moved + 8 * capacity + 5 * 8 * m + pad
 
 
 # ---------------------------------------------------------------------------------------------

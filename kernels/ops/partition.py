@@ -206,6 +206,19 @@ def partition_triton(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor
     return order, counts
 
 
+def bytes_moved(route: torch.Tensor, num_routes: int) -> int:
+    """The bytes-moved model of ``partition(route, num_routes)``. One block: read the routes, write ``order``
+    (8 B a row) and ``counts``. Several blocks: histogram (read the routes, write ``4*blocks*R``), scan (read
+    ``4*blocks*R``, write ``8*blocks*R + 8*R``), scatter (read the routes and ``8*blocks*R``, write ``order``)."""
+    n, r, size = route.numel(), num_routes, route.element_size()
+    if n == 0:
+        return 0
+    if n <= _SINGLE_BLOCK:
+        return n * size + 8 * n + 8 * r
+    nb = -(-n // _BLOCK)
+    return (n * size + 4 * nb * r) + (4 * nb * r + 8 * nb * r + 8 * r) + (n * size + 8 * nb * r + 8 * n)
+
+
 # ---------------------------------------------------------------------------------------------
 # The torch op ``torch.ops.adaexit.partition``: the Triton kernels and the reference behind one op
 # ---------------------------------------------------------------------------------------------
