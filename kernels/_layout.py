@@ -122,6 +122,16 @@ def tile_shape(R: int, element_size: int) -> tuple[int, int]:
     return block_rows, block_cols
 
 
+def rows_bytes(rows: int, row_elems: int, elem_size: int, index_size: int = 8) -> int:
+    """Bytes a row-copy kernel moves for ``rows`` rows of ``row_elems`` elements: each row read once and
+    written once; the index read once per column chunk of the program tile (:func:`tile_shape`)."""
+    if rows == 0 or row_elems == 0:
+        return 0
+    _, block_cols = tile_shape(row_elems, elem_size)
+    chunks = -(-row_elems // block_cols)
+    return 2 * rows * row_elems * elem_size + rows * index_size * chunks
+
+
 def tile_spec(label: str, fn, signature: dict, R: int, element_size: int) -> CompileSpec:
     """A row-copy kernel's representative launch for the compile report, tiled as :func:`tile_shape` tiles
     rows of ``R`` elements of ``element_size`` bytes."""

@@ -299,6 +299,35 @@ def test_the_triton_kernels_route_every_row_as_the_torch_path_does(kind):
     close(logits_of(got), logits_of(want))
 
 
+@pytest.mark.parametrize("kind", cases("anytime"))
+def test_anytime_prediction_reports_the_one_info_type(kind):
+    if kind.controllers:
+        pytest.skip("a D2NN's graph is not a chain of exits, which anytime prediction needs")
+    model, _ = build(kind)
+    x = kind.inputs(N, 0)
+    spread(kind, model, x)
+    with torch.no_grad():
+        want, want_info = call(model, x, return_info=True)
+        dense = model.exit_logits(x)
+    logits, info = adaexit.anytime_predict(model, x)  # no budget: the policy alone decides
+    assert isinstance(info, ExitInfo) and info.stop_counts["policy"] == N
+    assert torch.equal(info.exit_index, want_info.exit_index)
+    assert info.flops == pytest.approx(want_info.flops) and info.full_flops == pytest.approx(want_info.full_flops)
+    close(logits, logits_of(want))
+    budget = adaexit.AnytimeRunner(model).min_budget(x)  # each row can pay for the first exit only
+    logits, info = adaexit.anytime_predict(model, x, per_example_budget=[budget] * N)
+    assert (info.exit_index == 0).all() and (info.flops_per_row <= budget).all()
+    close(logits, dense[0])
+    # never exit by policy (heads skipped on the way): odd rows stop at the first exit for their budget
+    model.set_policy(NeverExitPolicy())
+    odd = torch.arange(N) % 2 == 1
+    budgets = torch.where(odd, budget, float("inf"))
+    logits, info = adaexit.anytime_predict(model, x, per_example_budget=budgets)
+    assert torch.equal(info.exit_index, torch.where(odd, 0, model.num_exits - 1))
+    assert info.stop_counts["example_budget"] == int(odd.sum())
+    close(logits, torch.where(odd[:, None], dense[0].float(), dense[-1].float()))
+
+
 @pytest.mark.parametrize("kind", cases("never_exit"))
 def test_never_exit_equals_the_underlying_model(kind):
     if kind.controllers:

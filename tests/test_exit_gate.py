@@ -83,6 +83,7 @@ def test_reference_nan_inf_never_exit():
         assert score[1:].isnan().all()
 
 
+@pytest.mark.cpu_only(reason="CPU tensors dispatch to the reference")
 def test_cpu_dispatches_to_reference(monkeypatch, use_backend):
     use_backend("auto")
 
@@ -146,6 +147,7 @@ print("ok")
 """
 
 
+@pytest.mark.cpu_only(reason="without triton only the CPU references run")
 def test_imports_and_references_work_without_triton():
     """Without triton the package imports (kernels defined through the stand-ins of ``kernels/_triton.py``)
     and every op runs its torch reference. In a subprocess: this process has imported triton already."""

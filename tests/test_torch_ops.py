@@ -24,22 +24,22 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
 def _cases():
     """(op name, args) of the op overloads themselves (positional, as the public functions call them)."""
-    g = torch.Generator().manual_seed(0)
-    h2, h4 = torch.randn(9, 12, generator=g), torch.randn(5, 6, 3, 2, generator=g)
-    w, b = torch.randn(7, 12, generator=g), torch.randn(7, generator=g)
-    x = torch.randn(10, 3, 4, generator=g)
-    cl = torch.randn(10, 3, 2, 2, generator=g).to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    h2, h4 = torch.randn(9, 12), torch.randn(5, 6, 3, 2)
+    w, b = torch.randn(7, 12), torch.randn(7)
+    x = torch.randn(10, 3, 4)
+    cl = torch.randn(10, 3, 2, 2).to(memory_format=torch.channels_last)
     keep = torch.tensor([True, False, True, True, False, False, True, False, True, True])
     return [
         ("exit_gate", (h2, w, b, "maxprob", 0.3, None)),
-        ("exit_gate", (h4, torch.randn(4, 6, generator=g), None, "learned", 0.5, torch.tensor([1.0, 2.0, 3.0, -1.0]))),
+        ("exit_gate", (h4, torch.randn(4, 6), None, "learned", 0.5, torch.tensor([1.0, 2.0, 3.0, -1.0]))),
         ("exit_gate", (h2, None, None, "entropy", 0.2, None)),
-        ("partition", (torch.randint(0, 3, (20,), generator=g), 3, None)),
-        ("partition", (torch.randint(0, 3, (20,), generator=g), 3, 5)),
+        ("partition", (torch.randint(0, 3, (20,)), 3, None)),
+        ("partition", (torch.randint(0, 3, (20,)), 3, 5)),
         ("gather_rows", (x, torch.tensor([3, 0, 9, 3]), False)),
         ("gather_rows", (cl, torch.tensor([1, -1, 4]), True)),
-        ("scatter_rows", (x.clone(), torch.tensor([4, 1, 7]), torch.randn(3, 3, 4, generator=g), False)),
-        ("scatter_rows", (x.clone(), torch.tensor([4, -1, 7]), torch.randn(3, 3, 4, generator=g), True)),
+        ("scatter_rows", (x.clone(), torch.tensor([4, 1, 7]), torch.randn(3, 3, 4), False)),
+        ("scatter_rows", (x.clone(), torch.tensor([4, -1, 7]), torch.randn(3, 3, 4), True)),
         ("compact", (keep, [x, cl, torch.arange(10)], None)),
         ("compact", (keep, [x, torch.arange(10)], 4)),
     ]
@@ -61,10 +61,10 @@ def test_ops_are_registered():
 
 def _calls():
     """(op name, public function call) for the fullgraph test: each call returns a tuple of tensors."""
-    g = torch.Generator().manual_seed(1)
-    h, w = torch.randn(8, 6, generator=g), torch.randn(4, 6, generator=g)
-    x, index = torch.randn(8, 3, generator=g), torch.tensor([5, 0, 2])
-    route, keep = torch.tensor([1, 0, 2, 1, 0, 0, 2, 1]), torch.rand(8, generator=g) < 0.5
+    torch.manual_seed(1)
+    h, w = torch.randn(8, 6), torch.randn(4, 6)
+    x, index = torch.randn(8, 3), torch.tensor([5, 0, 2])
+    route, keep = torch.tensor([1, 0, 2, 1, 0, 0, 2, 1]), torch.rand(8) < 0.5
 
     def scatter(out, index, src):
         return (scatter_rows(out, index, src) * 1,)
@@ -125,9 +125,9 @@ def test_fullgraph_under_inductor():
 def test_exit_gate_autograd(backend, use_backend):
     """Gradients of logits and score w.r.t. h, weight, bias and the learned gate equal the reference's."""
     use_backend(backend)
-    g = torch.Generator().manual_seed(2)
-    h = torch.randn(6, 5, 2, generator=g)
-    w, b = torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    torch.manual_seed(2)
+    h = torch.randn(6, 5, 2)
+    w, b = torch.randn(4, 5), torch.randn(4)
     gate = torch.tensor([1.0, -1.0, 0.5, 0.2])
     grads = []
     for fn in (exit_gate, exit_gate_torch):
@@ -216,3 +216,26 @@ def test_profiler_sees_the_ops():
         compact(route == 0, x)
     names = {event.key for event in prof.key_averages()}
     assert {f"adaexit::{op}" for op in OPS} <= names, sorted(names)
+
+
+def test_one_bytes_model_per_op():
+    """``adaexit.kernels.ops.<op>.bytes_moved``: the one model every benchmark and the GPU kit use."""
+    from adaexit.kernels.ops import compact as compact_op
+    from adaexit.kernels.ops import exit_gate as exit_gate_op
+    from adaexit.kernels.ops import gather_rows as gather_op
+    from adaexit.kernels.ops import partition as partition_op
+    from adaexit.kernels.ops import scatter_rows as scatter_op
+
+    # one block: routes read, order and counts written
+    assert partition_op.bytes_moved(torch.zeros(256, dtype=torch.int64), 2) == 256 * 8 + 256 * 8 + 2 * 8
+    # several blocks: histogram + scan + scatter, each stated in kernels/ops/partition.py
+    n, nb = 65536, 65536 // partition_op._BLOCK
+    hist, scan, scatter = n * 8 + 4 * nb * 2, 4 * nb * 2 + 8 * nb * 2 + 16, n * 8 + 8 * nb * 2 + 8 * n
+    assert partition_op.bytes_moved(torch.zeros(n, dtype=torch.int64), 2) == hist + scan + scatter
+    # 1024 fp16 per row fits one column chunk: rows read and written, the index once
+    x, index = torch.zeros(300, 1024, dtype=torch.float16), torch.zeros(100, dtype=torch.int64)
+    assert gather_op.bytes_moved(x, index) == scatter_op.bytes_moved(x[:100], index) == 2 * 100 * 2048 + 100 * 8
+    h, w = torch.zeros(4, 8, 3, dtype=torch.float16), torch.zeros(10, 8)
+    assert exit_gate_op.bytes_moved(h, w, torch.zeros(10)) == 4 * 8 * 3 * 2 + 10 * 8 * 4 + 40 + 4 * 10 * 4 + 16 + 4
+    keep, rows = torch.zeros(10, dtype=torch.bool), torch.zeros(10, 8)
+    assert compact_op.bytes_moved(keep, rows, kept=4) < compact_op.bytes_moved(keep, rows, kept=4, capacity=10)

@@ -630,3 +630,26 @@ def test_a_bad_first_batch_is_named_when_it_builds_the_heads():
     assert wrapped._pending  # nothing was built from it: a good batch still can
     with torch.no_grad():
         assert wrapped(torch.randn(2, 1, 12, 12)).shape == (2, 10)
+
+
+def test_a_server_builds_the_waiting_heads_once_from_its_first_batch():
+    import threading
+
+    wrapped = wrap(sequential_cnn(), exits=["1", "3"]).eval()
+    rows = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    futures, start = [None] * 8, threading.Barrier(4)
+    with adaexit.Server(wrapped, batch_size=4, max_wait_ms=2) as server:
+        def client(i):
+            start.wait()  # four clients submit at once, before any head exists
+            for j in (i, i + 4):
+                futures[j] = server.submit(rows[j : j + 1])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out = torch.cat([f.result(timeout=60) for f in futures])
+    assert not wrapped._pending
+    with torch.no_grad():  # never-exit: the model's own output, row by row (to float rounding across batch sizes)
+        torch.testing.assert_close(out, wrapped.model(rows))

@@ -437,6 +437,16 @@ def _launch(h, weight, bias, criterion, threshold, gate, N, D, K):
     return logits, score, exit_mask
 
 
+def bytes_moved(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> int:
+    """The bytes-moved model of ``exit_gate(h, weight, bias)`` (the kernel docstring's): read ``h`` once, the
+    weight once (later programs hit L2) and the fp32 bias; write fp32 logits ``N*K*4``, the fp32 score ``N*4``
+    and the mask ``N``. The scratch path's pooled rows stay in L2/L1 and are not counted."""
+    N = h.shape[0]
+    K = h.shape[1] if weight is None else weight.shape[0]
+    w = 0 if weight is None else weight.numel() * weight.element_size()
+    return h.numel() * h.element_size() + w + (0 if bias is None else 4 * K) + N * K * 4 + N * 4 + N
+
+
 # ---------------------------------------------------------------------------------------------
 # The torch op ``torch.ops.adaexit.exit_gate``: the Triton kernel and the reference behind one op.
 # Autograd (logits and score, w.r.t. h, weight, bias and gate) recomputes the reference in backward: the

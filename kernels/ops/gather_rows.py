@@ -38,6 +38,7 @@ from .._layout import (
     in_row_layout,
     memory_order,
     raw_view,
+    rows_bytes,
     tile_shape,
     tile_spec,
 )
@@ -202,6 +203,12 @@ def gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )  # fmt: skip
     return out
+
+
+def bytes_moved(x: torch.Tensor, index: torch.Tensor) -> int:
+    """The bytes-moved model of ``gather_rows(x, index)`` (every benchmark and the GPU kit use it): the
+    gathered rows read once and written once, the index once per column chunk."""
+    return rows_bytes(index.numel(), x[0].numel() if x.shape[0] else 0, x.element_size(), index.element_size())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,17 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import count_launch, direct_call, use_triton
-from .._layout import MAX_STRIDED_DIMS, check_index, check_index_values, coalesce, memory_order, raw_view, tile_shape, tile_spec
+from .._layout import (
+    MAX_STRIDED_DIMS,
+    check_index,
+    check_index_values,
+    coalesce,
+    memory_order,
+    raw_view,
+    rows_bytes,
+    tile_shape,
+    tile_spec,
+)
 from .._triton import tl, triton
 
 
@@ -172,6 +182,15 @@ def scatter_rows_triton(out: torch.Tensor, index: torch.Tensor, src: torch.Tenso
             srcr, index, outr, n, M, R, src.stride(0), out.stride(0), sizes[1], sizes[2], *s_strides, *o_strides,
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )  # fmt: skip
+
+
+def bytes_moved(src: torch.Tensor, index: torch.Tensor) -> int:
+    """The bytes-moved model of ``scatter_rows(out, index, src)``: the ``src`` rows read once and written once,
+    the index once per column chunk."""
+    row = 1
+    for s in src.shape[1:]:
+        row *= s
+    return rows_bytes(index.numel(), row, src.element_size(), index.element_size())
 
 
 # ---------------------------------------------------------------------------------------------
