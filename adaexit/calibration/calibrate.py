@@ -344,7 +344,8 @@ def _risk_controlled(model, outputs, settings, confidence, seconds, notes):
         else:
             why = (f"with {n_test} test rows no policy that exits can be certified below {100 * floor:.2f} pp; "
                    f"about {needed} calibration rows would be needed")
-        notes.append(f"no early-exit policy meets the {budget:g} pp budget ({drop} drop) at confidence "
+        measure = "new errors" if drop == "new_errors" else "net drop"
+        notes.append(f"no early-exit policy meets the {budget:g} pp budget ({measure}) at confidence "
                      f"{confidence:g} ({why}); the never-exit policy is kept. A larger budget, more calibration "
                      f"data or a lower confidence would allow exits")
     allowed = [points[i] for i in accepted] + [p for p in points if p.kind == "never"]
