@@ -12,6 +12,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ..decoding import is_causal_lm, wrap_causal_lm
 from .fx import CutPoint, ModelExits, candidate_exits, pick_exits, split_model, wrap as wrap_fx
 from .huggingface import is_huggingface, wrap_transformer
 
@@ -25,6 +26,8 @@ def wrap(model: nn.Module, exits: Sequence[str], **kwargs):
     :class:`~adaexit.wrappers.huggingface.TransformerExits`); other models ``head=``, ``policy=``,
     ``example_input=`` (see :func:`adaexit.wrappers.fx.wrap`).
     """
+    if is_causal_lm(model):  # decoder LLMs: decoded with adaexit.generate (see adaexit.decoding)
+        return wrap_causal_lm(model, exits, **kwargs)
     if is_huggingface(model):
         return wrap_transformer(model, exits, **kwargs)
     return wrap_fx(model, exits, **kwargs)
