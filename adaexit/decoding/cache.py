@@ -13,9 +13,30 @@ never read before they are overwritten. Finished rows leave with :meth:`keep` (t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..kernels import gather_rows
+
+
+@dataclass
+class Step:
+    """Where one pass's tokens go, computed once and shared by every layer of the pass.
+
+    ``rows``: cache rows (``None``: all, in order); ``slots`` long ``[n]``: each row's first slot;
+    ``q`` tokens per row; ``end``: attention extent (host int); ``start``: the common first slot when every
+    row has the same one (a contiguous write), else ``None``; ``mask``: bool ``[n, 1, q, end]`` or ``None``
+    (one token, no padding: every slot below ``end`` is visible); ``cos_sin``: the rotary embedding.
+    """
+
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+    q: int
+    end: int
+    start: int | None
+    mask: torch.Tensor | None
+    cos_sin: tuple
 
 
 class RowCache:
@@ -36,6 +57,7 @@ class RowCache:
         self.key_valid = self.slots[None, :] >= self.padding[:, None]  # [batch, max_len]
         self.lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.padded = bool((self.padding > 0).any())
         self.lengths_prompt = prompt_len
 
     @property
@@ -47,10 +69,22 @@ class RowCache:
         pad = self.padding if rows is None else self.padding[rows]
         return (slots - pad)[:, None] + torch.arange(q, device=slots.device)[None, :]
 
-    def write(self, layer: int, rows, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store ``key``/``value`` ``[n, kv_heads, q, head_dim]`` at slots ``slots[r] + 0..q-1`` of cache rows
-        ``rows`` (``None``: rows 0..n-1, all of them)."""
+    def step(self, rows, slots: torch.Tensor, q: int, end: int, cos_sin, start: int | None = None) -> Step:
+        """The :class:`Step` of a pass writing ``q`` tokens per row at ``slots`` (``start``: their common value,
+        when the caller knows every row has the same)."""
+        padded = self.padded if rows is None else bool((self.padding[rows] > 0).any())
+        mask = None if q == 1 and not padded and start is not None else self.attention_mask(rows, slots, q, end)
+        return Step(rows, slots, q, end, start, mask, cos_sin)
+
+    def write(self, layer: int, step: Step, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store ``key``/``value`` ``[n, kv_heads, q, head_dim]`` at slots ``slots[r] + 0..q-1`` of the step's
+        cache rows."""
         n, _, q, _ = key.shape
+        rows, slots = step.rows, step.slots
+        if rows is None and step.start is not None:  # one contiguous block for every row
+            self.keys[layer][:, :, step.start : step.start + q] = key
+            self.values[layer][:, :, step.start : step.start + q] = value
+            return
         r = torch.arange(n, device=slots.device) if rows is None else rows
         s = slots[:, None] + torch.arange(q, device=slots.device)[None, :]
         # advanced indices on dims 0 and 2 put their shape [n, q] first: [n, q, kv_heads, head_dim]

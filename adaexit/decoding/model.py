@@ -185,10 +185,9 @@ class CausalLMExits(nn.Module):
         """Exit ``e``'s gate score in [0, 1] for ``h`` ``[n, hidden]`` (NaN never exits)."""
         return torch.sigmoid(self.gates[e](h).squeeze(-1).float())
 
-    def layer(self, i: int, h, cos_sin, cache, rows, slots, end: int) -> torch.Tensor:
-        """Decoder layer ``i`` on ``h`` ``[n, q, hidden]`` for cache rows ``rows`` (``None``: all), the q
-        tokens at cache slots ``slots[r] + 0..q-1``; writes their K/V into the cache. ``end`` (a host int)
-        bounds the slots any of these queries attends to."""
+    def layer(self, i: int, h: torch.Tensor, step, cache) -> torch.Tensor:
+        """Decoder layer ``i`` on ``h`` ``[n, q, hidden]`` for the rows and slots of ``step`` (a
+        :class:`~adaexit.decoding.cache.Step`); writes their K/V into ``cache``."""
         block = self.lm.model.layers[i]
         attn = block.self_attn
         x = block.input_layernorm(h)
@@ -196,18 +195,17 @@ class CausalLMExits(nn.Module):
         query = attn.q_proj(x).view(n, q, -1, self.head_dim).transpose(1, 2)
         key = attn.k_proj(x).view(n, q, -1, self.head_dim).transpose(1, 2)
         value = attn.v_proj(x).view(n, q, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos_sin
+        cos, sin = step.cos_sin
         query, key = self._rotary(query, key, cos, sin)
-        cache.write(i, rows, slots, key, value)
-        keys, values = cache.read(i, rows, end)
-        mask = cache.attention_mask(rows, slots, q, end)
+        cache.write(i, step, key, value)
+        keys, values = cache.read(i, step.rows, step.end)
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != query.shape[1]
+            query, keys, values, attn_mask=step.mask, scale=attn.scaling, enable_gqa=keys.shape[1] != query.shape[1]
         )
         h = h + attn.o_proj(out.transpose(1, 2).reshape(n, q, -1))
         return h + block.mlp(block.post_attention_layernorm(h))
 
-    def propagate(self, i: int, h, cos_sin, cache, rows, slots) -> None:
+    def propagate(self, i: int, h: torch.Tensor, step, cache) -> None:
         """State propagation (CALM): K/V of skipped layer ``i`` from an exited token's hidden state ``h``
         ``[n, 1, hidden]``, so later tokens see a cache with no hole."""
         block = self.lm.model.layers[i]
@@ -216,9 +214,9 @@ class CausalLMExits(nn.Module):
         n, q, _ = x.shape
         key = attn.k_proj(x).view(n, q, -1, self.head_dim).transpose(1, 2)
         value = attn.v_proj(x).view(n, q, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos_sin
+        cos, sin = step.cos_sin
         _, key = self._rotary(key, key, cos, sin)
-        cache.write(i, rows, slots, key, value)
+        cache.write(i, step, key, value)
 
     def extra_repr(self) -> str:
         return f"lm={type(self.lm).__name__}, exits={self.exit_names}, thresholds={self.thresholds}"

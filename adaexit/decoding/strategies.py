@@ -99,6 +99,11 @@ class Run:
                     [v[i, :, :end].clone() for v in self.cache.values],
                 )
 
+    def start(self) -> int | None:
+        """The rows' common next slot when they all have the same (a contiguous cache write), else ``None``."""
+        first = self.lengths_host[0]
+        return first if all(length == first for length in self.lengths_host) else None
+
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompt through the whole model (every layer's K/V cached); the first token per row."""
         model, cache = self.model, self.cache
@@ -106,8 +111,9 @@ class Run:
         h = model.embed(input_ids)
         slots = torch.zeros(n, dtype=torch.long, device=input_ids.device)
         cos_sin = model.rotary(h, cache.positions(None, slots, p).clamp(min=0))
+        step = cache.step(None, slots, p, p, cos_sin, start=0)
         for i in range(model.num_layers):
-            h = model.layer(i, h, cos_sin, cache, None, slots, p)
+            h = model.layer(i, h, step, cache)
         return model.final_logits(h[:, -1]).argmax(-1)
 
 
@@ -119,9 +125,9 @@ def full(run: Run) -> None:
         slots = cache.lengths
         h = model.embed(run.tok)[:, None]
         cos_sin = model.rotary(h, cache.positions(None, slots, 1))
-        end = run.end(1)
+        step = cache.step(None, slots, 1, run.end(1), cos_sin, run.start())
         for i in range(model.num_layers):
-            h = model.layer(i, h, cos_sin, cache, None, slots, end)
+            h = model.layer(i, h, step, cache)
         run.layer_passes += run.n * model.num_layers
         run.exit_counts[-1] += run.n
         tokens = model.final_logits(h[:, -1]).argmax(-1)
@@ -147,19 +153,22 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int) -> None:
         m = max(0, min(num_draft, room - 1))
         slots = cache.lengths
         x, hidden, drafts = run.tok, [], []
+        start = run.start()
         for i in range(m + 1):  # m draft steps, then the last draft's early layers for the verify pass
             h = model.embed(x)[:, None]
             cos_sin = model.rotary(h, cache.positions(None, slots + i, 1))
+            step = cache.step(None, slots + i, 1, run.end(i + 1), cos_sin, None if start is None else start + i)
             for layer in range(k + 1):
-                h = model.layer(layer, h, cos_sin, cache, None, slots + i, run.end(i + 1))
+                h = model.layer(layer, h, step, cache)
             hidden.append(h)
             if i < m:
                 x = model.exit_logits(draft_exit, h[:, -1]).argmax(-1)
                 drafts.append(x)
         h = torch.cat(hidden, 1)
         cos_sin = model.rotary(h, cache.positions(None, slots, m + 1))
+        step = cache.step(None, slots, m + 1, run.end(m + 1), cos_sin, start)
         for layer in range(k + 1, model.num_layers):
-            h = model.layer(layer, h, cos_sin, cache, None, slots, run.end(m + 1))
+            h = model.layer(layer, h, step, cache)
         verified = model.final_logits(h).argmax(-1)  # [n, m + 1]: the full model's token after each input
         if m:
             match = torch.stack(drafts, 1) == verified[:, :m]
@@ -190,16 +199,17 @@ def early_exit(run: Run, per_row: bool = True) -> None:
         slots = cache.lengths
         h = model.embed(run.tok)[:, None]
         cos, sin = model.rotary(h, cache.positions(None, slots, 1))
-        end = run.end(1)
+        end, start = run.end(1), run.start()
+        step = cache.step(None, slots, 1, end, (cos, sin), start)
         tokens = torch.empty(n, dtype=torch.long, device=device)
         where = torch.arange(n, device=device)  # each staying row's place in this step's batch
         rows = None  # the staying rows' cache rows (None: all, in order)
-        start = 0
+        done = 0  # layers run so far
         for e, k in enumerate(model.exit_layers):
-            for layer in range(start, k + 1):
-                h = model.layer(layer, h, (cos, sin), cache, rows, slots, end)
-            run.layer_passes += where.shape[0] * (k + 1 - start)
-            start = k + 1
+            for layer in range(done, k + 1):
+                h = model.layer(layer, h, step, cache)
+            run.layer_passes += where.shape[0] * (k + 1 - done)
+            done = k + 1
             if not thresholds[e] <= 1.0:  # this exit never fires: no gate, no sync
                 continue
             fire = model.gate_score(e, h[:, 0]) >= thresholds[e]
@@ -213,18 +223,20 @@ def early_exit(run: Run, per_row: bool = True) -> None:
                 scatter_rows(tokens, gather_rows(where, out), model.exit_logits(e, h_out[:, -1]).argmax(-1))
                 out_rows = out if rows is None else gather_rows(rows, out)
                 cs_out = (gather_rows(cos, out), gather_rows(sin, out))
+                out_step = cache.step(out_rows, gather_rows(slots, out), 1, end, cs_out, start)
                 for layer in range(k + 1, model.num_layers):
-                    model.propagate(layer, h_out, cs_out, cache, out_rows, gather_rows(slots, out))
+                    model.propagate(layer, h_out, out_step, cache)
                 run.exit_counts[e] += leave
                 kept = order[:stay]
                 h, where, cos, sin, slots = (gather_rows(t, kept) for t in (h, where, cos, sin, slots))
                 rows = kept if rows is None else gather_rows(rows, kept)
+                step = cache.step(rows, slots, 1, end, (cos, sin), start)
             if not stay:
                 break
         if where.shape[0]:
-            for layer in range(start, model.num_layers):
-                h = model.layer(layer, h, (cos, sin), cache, rows, slots, end)
-            run.layer_passes += where.shape[0] * (model.num_layers - start)
+            for layer in range(done, model.num_layers):
+                h = model.layer(layer, h, step, cache)
+            run.layer_passes += where.shape[0] * (model.num_layers - done)
             run.exit_counts[-1] += where.shape[0]
             scatter_rows(tokens, where, model.final_logits(h[:, -1]).argmax(-1))
         one = torch.ones_like(run.tok)
