@@ -123,8 +123,8 @@ def token_agreement(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, pad: 
     width = max(a.shape[1], b.shape[1])
     a = torch.nn.functional.pad(a, (0, width - a.shape[1]), value=-1)
     b = torch.nn.functional.pad(b, (0, width - b.shape[1]), value=pad)
-    real = torch.ones_like(b, dtype=torch.bool)
-    real[:, 1:] = b[:, 1:] != pad  # pad == EOS here: the first EOS counts, padding after it does not
+    is_pad = b == pad  # pad == EOS here: the first EOS counts, padding after it does not
+    real = (is_pad.long().cumsum(1) - is_pad.long()) == 0
     return float(((a == b) & real).sum() / real.sum())
 
 
@@ -265,15 +265,20 @@ def run(args: argparse.Namespace) -> int:
     t = time.time()
     for e in range(len(EXITS)):
         heads.append(train_adapter(model, e, train_states[e], train_targets, steps=s["steps"]))
-    model = CausalLMExits(lm, EXITS, heads=heads)
+    trained = CausalLMExits(lm, EXITS, heads=heads)
+    tuned = [float((exit_tokens(trained, e, v) == val_targets).float().mean()) for e, v in enumerate(val_states)]
+    # an adapter that does worse on validation than the shared head (too little data) is not used
+    model = CausalLMExits(lm, EXITS, heads=[h if t > o else None for h, t, o in zip(heads, tuned, off)])
     for e in range(len(EXITS)):
         train_gate(model, e, train_states[e], exit_tokens(model, e, train_states[e]) == train_targets)
     agrees, scores = agreement(model, val_states, val_targets)
     _log(f"exits trained ({time.time() - t:.0f}s)")
     for e, name in enumerate(EXITS):
         report["off_the_shelf"][name] = off[e]
-        report["trained"][name] = float(agrees[e].float().mean())
-        _log(f"  {name}: agreement with the last layer {off[e]:.3f} off the shelf, {report['trained'][name]:.3f} trained")
+        report["trained"][name] = tuned[e]
+        report.setdefault("used", {})[name] = "adapter" if tuned[e] > off[e] else "shared head"
+        _log(f"  {name}: agreement with the last layer {off[e]:.3f} off the shelf, {tuned[e]:.3f} with its adapter "
+             f"(validation, teacher-forced; using the {report['used'][name]})")
     thresholds, cal_agreement, cal_layers = calibrate_thresholds(model, agrees, scores, s["agreement"])
     model.set_policy(ConfidencePolicy("maxprob", thresholds))
     _log(f"calibrated thresholds {['%.3f' % x for x in thresholds]}: agreement {cal_agreement:.3f}, "
