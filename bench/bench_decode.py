@@ -27,7 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adaexit
-from adaexit.apps.llm.job import ideal_speedup, step_costs
+from adaexit.decoding.costs import ideal_speedup, step_costs
 
 from . import apply_threads, comma_list, common_arguments, finish, format_table, interleaved_times, machine, median
 

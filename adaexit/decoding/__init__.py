@@ -6,6 +6,7 @@
 * :class:`RowCache` (:mod:`.cache`): a static KV cache with a length and positions per row.
 * :func:`generate` (:mod:`.generate`): ``"full"``, ``"self_speculative"`` and ``"early_exit"`` decoding
   (:mod:`.strategies`), equal to ``lm.generate(..., do_sample=False)`` for the lossless strategies.
+* :mod:`.costs`: measured step costs and the ideal speedup a run's acceptance / layers per token allows.
 """
 
 from .cache import RowCache
