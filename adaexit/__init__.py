@@ -22,7 +22,7 @@ its graph; policies only decide routes.
 
 from .wrappers import wrap
 from .decoding import CausalLMExits, DecodeInfo, generate
-from .anytime import EANN, AnytimeInfo, AnytimeRunner, anytime_curve, anytime_predict
+from .anytime import EANN, AnytimeRunner, anytime_curve, anytime_predict
 from .base import AdaptiveModel, ExitInfo
 from .calibration import CalibrationPoint, CalibrationResult, calibrate
 from .cascade import Cascade, NetworkSelectionPolicy, SelectorPolicy, train_reinforce
@@ -47,7 +47,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveModel",
-    "AnytimeInfo",
     "AnytimeRunner",
     "CalibrationPoint",
     "CalibrationResult",

@@ -273,8 +273,10 @@ def test_unsupported_models_and_keywords_are_refused(wrapped):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2)).eval()
     with pytest.raises(ValueError, match="model: GPT2LMHeadModel is not supported"):
         adaexit.wrap(gpt2, exits=["transformer.h.0"])
-    with pytest.raises(TypeError, match="trim"):
+    with pytest.raises(ValueError, match="trim= is not supported for causal LMs"):
         adaexit.wrap(tiny_lm(), exits=["model.layers.1"], trim=True)
+    with pytest.raises(ValueError, match="unknown keyword head="):
+        adaexit.wrap(tiny_lm(), exits=["model.layers.1"], head=None)
     ids, mask = prompts(2)
     with pytest.raises(ValueError, match="model: wrap LlamaForCausalLM first"):
         adaexit.generate(tiny_lm(), ids, mask, max_new_tokens=2)

@@ -45,58 +45,21 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..base import AdaptiveModel
+from ..base import (
+    STOP_BATCH_BUDGET,
+    STOP_DEADLINE,
+    STOP_EXAMPLE_BUDGET,
+    STOP_POLICY,
+    STOP_REASONS,
+    AdaptiveModel,
+    ExitInfo,
+)
 from ..cost import sync
 from ..data import batches
 from ..executor import SOURCE, Node, execute
 from ..kernels import compact, scatter_rows
 from ..kernels._dispatch import to_host
 from ..policies import Policy
-
-# Why a row stopped where it did (``AnytimeInfo.stop_reason``).
-STOP_POLICY = 0  # the model's policy exited it, or it reached the last exit
-STOP_BATCH_BUDGET = 1  # the batch FLOPs budget could not pay for the next exit
-STOP_EXAMPLE_BUDGET = 2  # its own FLOPs budget could not pay for the next exit
-STOP_DEADLINE = 3  # the next exit would have finished after the deadline
-STOP_REASONS = ("policy", "batch_budget", "example_budget", "deadline")
-
-
-@dataclass
-class AnytimeInfo:
-    """What one anytime prediction did.
-
-    Attributes:
-        exit_index: long ``[N]``, the exit whose prediction each row returned (its latest one).
-        exit_counts: rows that returned each exit's prediction.
-        rows_run: rows that ran each stage.
-        flops: FLOPs spent on the batch (stages run + heads evaluated); ``<= budget_flops``.
-        flops_per_row: float64 ``[N]``, FLOPs spent on each row; ``<= per_example_budget``.
-        stop_reason: long ``[N]``, index into :data:`STOP_REASONS`.
-        elapsed_ms: wall-clock time of the call (CUDA-synchronised when a deadline is set; without
-            one, host time: GPU work may still be in flight).
-        budget_flops, deadline_ms: the budgets it ran under (``None`` = none).
-    """
-
-    exit_index: torch.Tensor
-    exit_counts: list[int]
-    rows_run: list[int]
-    flops: float
-    flops_per_row: torch.Tensor
-    stop_reason: torch.Tensor
-    elapsed_ms: float
-    budget_flops: float | None = None
-    deadline_ms: float | None = None
-
-    @property
-    def deadline_met(self) -> bool:
-        return self.deadline_ms is None or self.elapsed_ms <= self.deadline_ms
-
-    @property
-    def stop_counts(self) -> dict[str, int]:
-        """Rows per stop reason."""
-        counts = torch.bincount(self.stop_reason.cpu(), minlength=len(STOP_REASONS)).tolist()
-        return dict(zip(STOP_REASONS, counts))
-
 
 def _head_logits(node: Node, h: torch.Tensor) -> torch.Tensor:
     """A head's fp32 logits, through the fused gate kernel when the head has one (as policies do)."""
@@ -345,8 +308,10 @@ class AnytimeRunner:
         budget_flops: float | None = None,
         deadline_ms: float | None = None,
         per_example_budget=None,
-    ) -> tuple[torch.Tensor, AnytimeInfo]:
-        """Anytime prediction of the batch ``x``; returns ``(logits [N, classes], AnytimeInfo)``.
+    ) -> tuple[torch.Tensor, ExitInfo]:
+        """Anytime prediction of the batch ``x``; returns ``(logits [N, classes], ExitInfo)``: besides what
+        every forward reports, ``flops_per_row``, ``stop_reason`` (index into :data:`STOP_REASONS`),
+        ``elapsed_ms`` (CUDA-synchronised when a deadline is set; without one, host time) and the budgets.
 
         Args:
             budget_flops: FLOPs for the whole batch; at least the first exit's cost for every row.
@@ -401,11 +366,14 @@ class AnytimeRunner:
         with torch.no_grad():
             logits, trace = execute(nodes, x, call, state)
         elapsed = call.now() - call.start
-        info = AnytimeInfo(
+        info = ExitInfo(
             exit_index=trace.exit_index,
             exit_counts=trace.exit_counts,
             rows_run=trace.rows_run,
+            rows_decided=trace.rows_decided,
             flops=call.spent,
+            full_flops=float(n * model.reference_cost(x, "flops")) if n else 0.0,
+            node_names=[node.name for node in nodes],
             flops_per_row=call.spent_out,
             stop_reason=call.reason_out,
             elapsed_ms=elapsed,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._compile import CompileSpec
-from .._dispatch import use_triton
+from .._dispatch import count_launch, direct_call, use_triton
 from .._triton import tl, triton
 
 # Block sizes (the only compile-time constants). Module-level so tests can shrink them to reach the
@@ -147,9 +147,27 @@ def _check_values(route: torch.Tensor, num_routes: int) -> None:
             raise ValueError(f"route values must be in [0, {num_routes}), got values in [{lo}, {hi}]")
 
 
-def partition_torch(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_capacity(capacity) -> None:
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+
+
+def per_route(order: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``[R, capacity]`` int64: row ``r`` lists route ``r``'s rows (``order[start_r : start_r + counts[r]]``),
+    then ``-1`` padding; rows past ``capacity`` are dropped. Device ops only: no host sync."""
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(capacity, device=order.device)
+    pos = starts[:, None] + slot[None, :]
+    valid = slot[None, :] < counts[:, None]
+    if order.numel() == 0:
+        return torch.full((counts.shape[0], capacity), -1, dtype=torch.int64, device=order.device)
+    return torch.where(valid, order[pos.clamp(max=order.numel() - 1)], -1)
+
+
+def partition_torch(route: torch.Tensor, num_routes: int, *, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: stable sort of the routes; counts by ``scatter_add_`` (no host sync on any device)."""
     _check(route, num_routes)
+    _check_capacity(capacity)
     keys = route.to(torch.int64)
     counts = torch.zeros(num_routes, dtype=torch.int64, device=route.device)
     try:  # scatter_add_ bounds-checks the routes on CPU: no separate pass over them
@@ -158,24 +176,11 @@ def partition_torch(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor,
         _check_values(route, num_routes)  # raises the ValueError
         raise
     order = torch.sort(keys, stable=True).indices
-    return order, counts
+    return (order if capacity is None else per_route(order, counts, capacity)), counts
 
 
-def partition(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable partition of rows by ``route``.
-
-    Args:
-        route: [N] integer (or bool) tensor with values in ``[0, num_routes)``.
-        num_routes: number of routes R >= 1 (a runtime value; no recompilation per R).
-
-    Returns:
-        ``(order, counts)``: ``order`` int64 [N], rows of route 0 (in original order), then route 1, ...;
-        ``counts`` int64 [R] on ``route.device``. No host synchronisation.
-    """
-    if not use_triton(route):
-        return partition_torch(route, num_routes)
-    _check(route, num_routes)
-    _check_values(route, num_routes)
+def partition_triton(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels (one launch up to ``_SINGLE_BLOCK`` rows, three above)."""
     n = route.numel()
     device = route.device
     order = torch.empty(n, dtype=torch.int64, device=device)
@@ -187,16 +192,73 @@ def partition(route: torch.Tensor, num_routes: int) -> tuple[torch.Tensor, torch
     route = route.contiguous()
     if n <= _SINGLE_BLOCK:
         block = max(16, triton.next_power_of_2(n))
+        count_launch("partition")
         _partition_single_kernel[(1,)](route, order, counts, n, num_routes, BLOCK=block, num_warps=8 if block >= 2048 else 4)
         return order, counts
     num_blocks = triton.cdiv(n, _BLOCK)
     hist = torch.empty((num_blocks, num_routes), dtype=torch.int32, device=device)
     base = torch.empty((num_blocks, num_routes), dtype=torch.int64, device=device)
+    count_launch("partition", 3)
     _partition_hist_kernel[(num_blocks,)](route, hist, n, num_routes, BLOCK=_BLOCK)
     scan_block = min(_SCAN_BLOCK, max(16, triton.next_power_of_2(num_blocks)))
     _partition_scan_kernel[(1,)](hist, base, counts, num_blocks, num_routes, BLOCK=scan_block)
     _partition_scatter_kernel[(num_blocks,)](route, base, order, n, num_routes, BLOCK=_BLOCK)
     return order, counts
+
+
+def bytes_moved(route: torch.Tensor, num_routes: int) -> int:
+    """The bytes-moved model of ``partition(route, num_routes)``. One block: read the routes, write ``order``
+    (8 B a row) and ``counts``. Several blocks: histogram (read the routes, write ``4*blocks*R``), scan (read
+    ``4*blocks*R``, write ``8*blocks*R + 8*R``), scatter (read the routes and ``8*blocks*R``, write ``order``)."""
+    n, r, size = route.numel(), num_routes, route.element_size()
+    if n == 0:
+        return 0
+    if n <= _SINGLE_BLOCK:
+        return n * size + 8 * n + 8 * r
+    nb = -(-n // _BLOCK)
+    return (n * size + 4 * nb * r) + (4 * nb * r + 8 * nb * r + 8 * r) + (n * size + 8 * nb * r + 8 * n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch op ``torch.ops.adaexit.partition``: the Triton kernels and the reference behind one op
+# ---------------------------------------------------------------------------------------------
+def _partition_impl(route: torch.Tensor, num_routes: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(route.device):
+        return partition_torch(route, num_routes, capacity=capacity)
+    _check_values(route, num_routes)
+    order, counts = partition_triton(route, num_routes)
+    return (order if capacity is None else per_route(order, counts, capacity)), counts
+
+
+_partition_op = torch.library.custom_op("adaexit::partition", mutates_args=())(_partition_impl)
+
+
+@_partition_op.register_fake
+def _(route, num_routes, capacity):
+    shape = (route.shape[0],) if capacity is None else (num_routes, capacity)
+    return route.new_empty(shape, dtype=torch.int64), route.new_empty((num_routes,), dtype=torch.int64)
+
+
+def partition(route: torch.Tensor, num_routes: int, *, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable partition of rows by ``route`` (the op ``torch.ops.adaexit.partition``).
+
+    Args:
+        route: [N] integer (or bool) tensor with values in ``[0, num_routes)``.
+        num_routes: number of routes R >= 1 (a runtime value; no recompilation per R).
+        capacity: ``None`` -> ``order`` is the flat permutation. An int ``c`` (static capacity, for the
+            zero-sync mode) -> ``order`` is ``[R, c]``: row ``r`` holds route ``r``'s rows in order, then ``-1``
+            padding (ready for ``gather_rows(..., padded=True)`` / ``scatter_rows(..., padded=True)``); a route
+            with more than ``c`` rows keeps its first ``c`` (detect it on the device: ``counts > c``).
+
+    Returns:
+        ``(order, counts)``: ``order`` int64 [N] (or [R, c]), rows of route 0 (in original order), then
+        route 1, ...; ``counts`` int64 [R] on ``route.device``. No host synchronisation.
+    """
+    _check(route, num_routes)
+    _check_capacity(capacity)
+    if direct_call(route):
+        return _partition_impl(route, num_routes, capacity)
+    return _partition_op(route, num_routes, capacity)
 
 
 # Representative launches for the ahead-of-time compile report (kernels._compile).
