@@ -98,6 +98,22 @@ def test_qwen2_full_and_speculative_equal_hugging_face():
         assert torch.equal(decode(model, ids, mask, 10, None, strategy, **options)[0], expected), strategy
 
 
+def test_rows_stop_drafting_on_their_own_gate_and_stay_exact():
+    """``draft_threshold``: each row stops drafting after a draft its gate doubts; rows draft different
+    numbers of tokens in one verify pass, and the result is still HF greedy."""
+    lm = tiny_lm(seed=18)
+    model = gated(adaexit.wrap(lm, exits=["model.layers.0", "model.layers.2"]), seed=19)
+    ids, mask = prompts(8, seed=20)
+    eos = mid_batch_eos(lm, ids, mask, 14)
+    expected = hf_greedy(lm, ids, mask, 14, eos)
+    for draft_exit in (0, 1):
+        out, info = decode(model, ids, mask, 14, eos, "self_speculative", draft_exit=draft_exit, num_draft=4,
+                           draft_threshold=0.5)
+        assert torch.equal(out, expected), draft_exit
+        always = decode(model, ids, mask, 14, eos, "self_speculative", draft_exit=draft_exit, num_draft=4)[1]
+        assert info.mean_layers_per_token != always.mean_layers_per_token  # some rows really stopped early
+
+
 def identity_after(lm, k: int):
     """Zero the residual writes of the layers after ``k``: they become identities, so exit ``k`` agrees with
     the last layer everywhere (every draft is accepted), while their attention still reads the cache."""
@@ -137,6 +153,7 @@ def gated(model, threshold=0.5, bias=0.0, seed=7):
 @pytest.mark.parametrize("strategy, options", [
     ("full", {}),
     ("self_speculative", {"num_draft": 3}),
+    ("self_speculative", {"num_draft": 3, "draft_threshold": 0.5}),
     ("early_exit", {}),
 ])
 def test_a_rows_output_does_not_depend_on_its_batch(strategy, options):
@@ -282,6 +299,8 @@ def test_unsupported_models_and_keywords_are_refused(wrapped):
         adaexit.generate(tiny_lm(), ids, mask, max_new_tokens=2)
     with pytest.raises(TypeError, match="num_drafts"):
         adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="self_speculative", num_drafts=2)
+    with pytest.raises(ValueError, match="draft_threshold"):
+        adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="self_speculative", draft_threshold=2)
     with pytest.raises(ValueError, match="draft_exit"):
         adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="self_speculative", draft_exit=1)
     with pytest.raises(ValueError, match="strategy"):

@@ -16,7 +16,7 @@ from .cache import RowCache
 from .model import CausalLMExits, is_causal_lm
 from .strategies import STRATEGIES, Run
 
-OPTIONS = {"full": {}, "self_speculative": {"draft_exit": 0, "num_draft": 4}, "early_exit": {"per_row": True}}
+OPTIONS = {"full": {}, "self_speculative": {"draft_exit": 0, "num_draft": 4, "draft_threshold": None}, "early_exit": {"per_row": True}}
 
 
 @dataclass
@@ -108,7 +108,8 @@ def generate(
         input_ids: long ``[B, P]``, left-padded; ``attention_mask`` ``[B, P]`` (``None``: no padding).
         max_new_tokens: tokens to generate per row (>= 1).
         strategy: ``"full"`` (every layer), ``"self_speculative"`` (lossless; options ``draft_exit``, the exit
-            index drafting, default 0, and ``num_draft``, default 4) or ``"early_exit"`` (the model's policy
+            index drafting, default 0; ``num_draft``, default 4; ``draft_threshold``: a row stops drafting after a
+            draft whose gate score is below it, default ``None``: never) or ``"early_exit"`` (the model's policy
             thresholds on the gates; option ``per_row=False`` for the whole-batch rule).
         eos_token_id, pad_token_id: ``None`` takes the model's generation config (pad falls back to EOS).
         return_info: also return a :class:`DecodeInfo`.
@@ -135,6 +136,9 @@ def generate(
             raise ValueError(f"draft_exit must be an exit index in [0, {len(model.exit_layers)}), got {d!r}")
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"num_draft must be an int >= 1, got {m!r}")
+        t = settings["draft_threshold"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
+            raise ValueError(f"draft_threshold must be None or a gate score in [0, 1], got {t!r}")
     config = model.lm.generation_config
     eos = _token_list(eos_token_id if eos_token_id is not None else config.eos_token_id, "eos_token_id")
     pad = pad_token_id if pad_token_id is not None else config.pad_token_id

@@ -136,47 +136,73 @@ def full(run: Run) -> None:
         run.steps += 1
 
 
-def self_speculative(run: Run, draft_exit: int, num_draft: int) -> None:
+def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold: float | None = None) -> None:
     """Lossless self-speculation with per-row acceptance.
 
-    Every row drafts ``m`` tokens with layers ``0..k`` (``k`` the draft exit's layer) and the exit's head,
-    caching those layers' K/V and the layer-``k`` hidden states. One verify pass then runs only the last draft
-    through layers ``0..k`` and all ``m + 1`` tokens through layers ``k+1..``; each row accepts its own longest
-    prefix of drafts equal to the full model's greedy tokens, plus the full model's next token. Its cache
-    length grows by what it accepted; its rejected slots are simply left behind (never attended, overwritten).
+    Every row drafts up to ``num_draft`` tokens with layers ``0..k`` (``k`` the draft exit's layer) and the
+    exit's head, caching those layers' K/V and the layer-``k`` hidden states. With ``draft_threshold``, a row
+    stops drafting after a draft whose gate score is below it (the rows still drafting run compacted). One
+    verify pass then runs each row's last draft through layers ``0..k`` and every row's block (its pending
+    token and drafts) through layers ``k+1..``; each row accepts its own longest prefix of drafts equal to the
+    full model's greedy tokens, plus the full model's next token. Its cache length grows by what it accepted;
+    its rejected slots are simply left behind (never attended, overwritten).
     """
     model = run.model
     k = model.exit_layers[draft_exit]
     while run.n:
-        cache = run.cache
+        cache, n, device = run.cache, run.n, run.tok.device
         room = run.max_new - min(run.count_host)
         m = max(0, min(num_draft, room - 1))
-        slots = cache.lengths
-        x, hidden, drafts = run.tok, [], []
-        start = run.start()
-        for i in range(m + 1):  # m draft steps, then the last draft's early layers for the verify pass
+        slots, start = cache.lengths, run.start()
+        hidden = torch.zeros(n, m + 1, model.hidden_size, dtype=model.lm.lm_head.weight.dtype, device=device)
+        drafts = torch.full((n, max(m, 1)), -1, dtype=torch.long, device=device)
+        counts = torch.zeros(n, dtype=torch.long, device=device)  # drafts per row
+        x, active, widest = run.tok, None, 0  # active: the rows still drafting (None: all)
+        for i in range(m):
+            sl = slots if active is None else gather_rows(slots, active)
             h = model.embed(x)[:, None]
-            cos_sin = model.rotary(h, cache.positions(None, slots + i, 1))
-            step = cache.step(None, slots + i, 1, run.end(i + 1), cos_sin, None if start is None else start + i)
+            cos_sin = model.rotary(h, cache.positions(active, sl + i, 1))
+            common = None if start is None or active is not None else start + i
+            step = cache.step(active, sl + i, 1, run.end(i + 1), cos_sin, common)
             for layer in range(k + 1):
                 h = model.layer(layer, h, step, cache)
-            hidden.append(h)
-            if i < m:
-                x = model.exit_logits(draft_exit, h[:, -1]).argmax(-1)
-                drafts.append(x)
-        h = torch.cat(hidden, 1)
-        cos_sin = model.rotary(h, cache.positions(None, slots, m + 1))
-        step = cache.step(None, slots, m + 1, run.end(m + 1), cos_sin, start)
+            x = model.exit_logits(draft_exit, h[:, -1]).argmax(-1)
+            where = torch.arange(n, device=device) if active is None else active
+            hidden[where, i] = h[:, 0]
+            drafts[where, i] = x
+            counts[where] += 1
+            widest = i + 1
+            run.layer_passes += where.shape[0] * (k + 1)
+            if draft_threshold is not None and i + 1 < m:
+                go = model.gate_score(draft_exit, h[:, 0]) >= draft_threshold
+                kept, x = compact(go, x)
+                if kept.shape[0] == 0:
+                    break
+                active = gather_rows(where, kept)
+        # each row's last input (its last draft, or its pending token) through layers 0..k at its own slot
+        last = drafts.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)
+        last = torch.where(counts > 0, last, run.tok)
+        h = model.embed(last)[:, None]
+        cos_sin = model.rotary(h, cache.positions(None, slots + counts, 1))
+        uniform = start if start is not None and draft_threshold is None else None
+        step = cache.step(None, slots + counts, 1, run.end(widest + 1), cos_sin, None if uniform is None else uniform + widest)
+        for layer in range(k + 1):
+            h = model.layer(layer, h, step, cache)
+        hidden[torch.arange(n, device=device), counts] = h[:, 0]
+        h = hidden[:, : widest + 1]
+        cos_sin = model.rotary(h, cache.positions(None, slots, widest + 1))
+        step = cache.step(None, slots, widest + 1, run.end(widest + 1), cos_sin, start)
         for layer in range(k + 1, model.num_layers):
             h = model.layer(layer, h, step, cache)
-        verified = model.final_logits(h).argmax(-1)  # [n, m + 1]: the full model's token after each input
-        if m:
-            match = torch.stack(drafts, 1) == verified[:, :m]
+        verified = model.final_logits(h).argmax(-1)  # [n, widest + 1]: the full model's token after each input
+        if widest:
+            steps = torch.arange(widest, device=device)
+            match = (drafts[:, :widest] == verified[:, :widest]) & (steps[None, :] < counts[:, None])
             accepted = match.long().cumprod(1).sum(1)
         else:
             accepted = torch.zeros_like(run.tok)
-        run.layer_passes += run.n * ((m + 1) * (k + 1) + model.num_layers - k - 1)
-        run.exit_counts[-1] += run.n
+        run.layer_passes += n * model.num_layers
+        run.exit_counts[-1] += n
         run.accepted.append((run.row_ids, accepted))
         run.emit(verified, accepted + 1, accepted + 1)
         run.steps += 1
