@@ -240,8 +240,10 @@ def test_the_kernels_path_through_the_interpreter(triton_backend):
     model = gated(adaexit.wrap(lm, exits=["model.layers.1"]))
     ids, mask = prompts(3, seed=17)
     eos = mid_batch_eos(lm, ids, mask, 8)
-    assert torch.equal(decode(model, ids, mask, 8, eos, "self_speculative", num_draft=2)[0],
-                       hf_greedy(lm, ids, mask, 8, eos))
+    expected = hf_greedy(lm, ids, mask, 8, eos)
+    assert torch.equal(decode(model, ids, mask, 8, eos, "self_speculative", num_draft=2)[0], expected)
+    assert torch.equal(decode(model, ids, mask, 8, eos, "self_speculative", num_draft=3, draft_threshold=0.5)[0],
+                       expected)
     out, info = decode(model, ids, mask, 8, eos, "early_exit")
     assert info.exit_counts[0] > 0
     for r in range(3):

@@ -29,13 +29,16 @@ def step_costs(model: CausalLMExits, batch: int, prompt_len: int, block: int, re
         slots = torch.full((batch,), prompt_len, dtype=torch.long)
         cos_sin = model.rotary(h, cache.positions(None, slots, q))
         times_layer, times_head = [], []
-        for _ in range(repeats):
+        for r in range(repeats + 1):  # the first round warms up
             t = time.perf_counter()
             model.layer(0, h, cache.step(None, slots, q, prompt_len + q, cos_sin, prompt_len), cache)
-            times_layer.append(time.perf_counter() - t)
+            t_layer = time.perf_counter() - t
             t = time.perf_counter()
             model.final_logits(h)
-            times_head.append(time.perf_counter() - t)
+            t_head = time.perf_counter() - t
+            if r:
+                times_layer.append(t_layer)
+                times_head.append(t_head)
         out[q] = (sorted(times_layer)[repeats // 2], sorted(times_head)[repeats // 2])
     return out
 
