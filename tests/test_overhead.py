@@ -8,7 +8,7 @@ import torch
 from adaexit import ConfidencePolicy, PatiencePolicy
 from adaexit.kernels import host_sync_count
 from bench.bench_overhead import TARGET_OPS, held_out_chain, launches_per_node_run, overhead, two_network_cascade
-from helpers import randn_inputs, small_combination, small_early_exit
+from helpers import randn_inputs, skipping_cascade, small_combination, small_early_exit
 
 DIM, CLASSES = 12, 4
 
@@ -38,6 +38,7 @@ MODELS = {
     "early_exit": lambda: small_early_exit(DIM, CLASSES, ConfidencePolicy("maxprob", [0.4, 0.45])),
     "patience": lambda: small_early_exit(DIM, CLASSES, PatiencePolicy(1)),
     "combination": lambda: small_combination(DIM, CLASSES, None),
+    "skipping_cascade": lambda: skipping_cascade(DIM, CLASSES),  # a node fed by two predecessors (merge)
 }
 
 
