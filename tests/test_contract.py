@@ -126,7 +126,7 @@ EARLY_EXIT_MEMBERS = {  # early-exit kinds that take VEC_DIM features
     "wrap/sequential": partial(wrap_sequential_kind, example_input=True),
     "wrap/sequential_lazy_heads": partial(wrap_sequential_kind, example_input=False),
 }
-IMAGE_MEMBERS = {"wrap/torchvision": (wrap_torchvision_kind, None), "wrap/timm": (wrap_timm_kind, "timm")}
+IMAGE_MEMBERS = {"wrap/torchvision": (wrap_torchvision_kind, "torchvision"), "wrap/timm": (wrap_timm_kind, "timm")}
 # alone (in a cascade, and for heads built from the first batch, the first batch runs a dense probe that
 # names the node)
 ALONE_XFAIL = {name: {"bad_input": BAD_WIDTH} for name in EARLY_EXIT_MEMBERS if name != "wrap/sequential_lazy_heads"}
@@ -149,7 +149,8 @@ def cascade_of(*builders):
 
 
 KINDS: list[Kind] = [
-    *[Kind(name, build, vec, bad_vec, xfail=ALONE_XFAIL.get(name, {})) for name, build in EARLY_EXIT_MEMBERS.items()],
+    *[Kind(name, build, vec, bad_vec, xfail=ALONE_XFAIL.get(name, {}))
+      for name, build in EARLY_EXIT_MEMBERS.items()],
     *[Kind(name, build, image, bad_image, needs=needs, xfail=ALONE_XFAIL[name])
       for name, (build, needs) in IMAGE_MEMBERS.items()],
     *[Kind(f"wrap/hf_{family}", partial(wrap_hf_kind, family), partial(hf_inputs, family),
