@@ -329,6 +329,26 @@ def test_anytime_prediction_reports_the_one_info_type(kind):
     close(logits, torch.where(odd[:, None], dense[0].float(), dense[-1].float()))
 
 
+@pytest.mark.parametrize("kind", cases("zero_sync"))
+def test_zero_sync_execution_equals_the_default(kind):
+    """``set_execution(sync=False)`` (no host sync: buffers of the batch's size, tails masked) changes no
+    output and no exit."""
+    model, _ = build(kind)
+    if kind.controllers:  # refused by name rather than run with corrupted per-row costs
+        with pytest.raises(ValueError, match="D2NN.set_execution"):
+            model.set_execution(sync=False)
+        return
+    x = kind.inputs(N, 0)
+    spread(kind, model, x)
+    with torch.no_grad():
+        want, want_info = call(model, x, return_info=True)
+        model.set_execution(sync=False)
+        got, got_info = call(model, x, return_info=True)
+    assert torch.equal(got_info.exit_index, want_info.exit_index)
+    assert got_info.exit_counts == want_info.exit_counts and got_info.flops == pytest.approx(want_info.flops)
+    close(logits_of(got), logits_of(want))
+
+
 @pytest.mark.parametrize("kind", cases("never_exit"))
 def test_never_exit_equals_the_underlying_model(kind):
     if kind.controllers:
