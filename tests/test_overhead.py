@@ -87,3 +87,13 @@ def test_zero_sync_mode_on_the_triton_path(triton_backend):
         out = model(x)
         assert host_sync_count() == before
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_hook_dry_run():
+    """bench.gpu_check's hook for the zero-sync mode: on a CPU (dry run) it runs both modes once and counts
+    the zero-sync mode's host syncs."""
+    from bench.bench_overhead import cuda_graph_check
+
+    result = cuda_graph_check("cpu", dry_run=True, batch=16)
+    assert result["zero_sync_host_syncs"] == 0 and result["captured"] is False
+    assert result["modes_max_abs_diff"] < 1e-4
