@@ -126,7 +126,7 @@ EARLY_EXIT_MEMBERS = {  # early-exit kinds that take VEC_DIM features
     "wrap/sequential": partial(wrap_sequential_kind, example_input=True),
     "wrap/sequential_lazy_heads": partial(wrap_sequential_kind, example_input=False),
 }
-IMAGE_MEMBERS = {"wrap/torchvision": (wrap_torchvision_kind, None), "wrap/timm": (wrap_timm_kind, "timm")}
+IMAGE_MEMBERS = {"wrap/torchvision": (wrap_torchvision_kind, "torchvision"), "wrap/timm": (wrap_timm_kind, "timm")}
 # alone (in a cascade, and for heads built from the first batch, the first batch runs a dense probe that
 # names the node)
 ALONE_XFAIL = {name: {"bad_input": BAD_WIDTH} for name in EARLY_EXIT_MEMBERS if name != "wrap/sequential_lazy_heads"}
@@ -149,7 +149,8 @@ def cascade_of(*builders):
 
 
 KINDS: list[Kind] = [
-    *[Kind(name, build, vec, bad_vec, xfail=ALONE_XFAIL.get(name, {})) for name, build in EARLY_EXIT_MEMBERS.items()],
+    *[Kind(name, build, vec, bad_vec, xfail=ALONE_XFAIL.get(name, {}))
+      for name, build in EARLY_EXIT_MEMBERS.items()],
     *[Kind(name, build, image, bad_image, needs=needs, xfail=ALONE_XFAIL[name])
       for name, (build, needs) in IMAGE_MEMBERS.items()],
     *[Kind(f"wrap/hf_{family}", partial(wrap_hf_kind, family), partial(hf_inputs, family),
@@ -326,6 +327,26 @@ def test_anytime_prediction_reports_the_one_info_type(kind):
     assert torch.equal(info.exit_index, torch.where(odd, 0, model.num_exits - 1))
     assert info.stop_counts["example_budget"] == int(odd.sum())
     close(logits, torch.where(odd[:, None], dense[0].float(), dense[-1].float()))
+
+
+@pytest.mark.parametrize("kind", cases("zero_sync"))
+def test_zero_sync_execution_equals_the_default(kind):
+    """``set_execution(sync=False)`` (no host sync: buffers of the batch's size, tails masked) changes no
+    output and no exit."""
+    model, _ = build(kind)
+    if kind.controllers:  # refused by name rather than run with corrupted per-row costs
+        with pytest.raises(ValueError, match="D2NN.set_execution"):
+            model.set_execution(sync=False)
+        return
+    x = kind.inputs(N, 0)
+    spread(kind, model, x)
+    with torch.no_grad():
+        want, want_info = call(model, x, return_info=True)
+        model.set_execution(sync=False)
+        got, got_info = call(model, x, return_info=True)
+    assert torch.equal(got_info.exit_index, want_info.exit_index)
+    assert got_info.exit_counts == want_info.exit_counts and got_info.flops == pytest.approx(want_info.flops)
+    close(logits_of(got), logits_of(want))
 
 
 @pytest.mark.parametrize("kind", cases("never_exit"))
