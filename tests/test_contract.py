@@ -7,11 +7,13 @@ a kind cannot pass yet is listed in its ``xfail`` with the exact failure and who
 makes the case fail until the entry is removed).
 
 The checks: a dense train-mode forward (every exit's logits, differentiable), the eval-mode forward (one
-prediction per row, each equal to the dense logits at the exit it took, one ``ExitInfo``), a never-exit policy
-equal to the underlying model, every row equal to running it alone (batch composition and order do not
-matter), an empty batch, ``state_dict`` through ``torch.save`` + ``torch.load(weights_only=True)`` before and
-after the first batch (the policy's class restored), ``adaexit.stream`` and ``adaexit.Server`` equal to
-per-batch calls, ``calibrate`` running, and bad inputs refused with a message naming the argument or module.
+prediction per row, each equal to the dense logits at the exit it took, one ``ExitInfo``), the same on the
+Triton kernels (interpreter), the zero-sync mode, anytime prediction (the same ``ExitInfo``; per-row budgets),
+a never-exit policy equal to the underlying model, every row equal to running it alone (batch composition
+and order do not matter), an empty batch, ``state_dict`` through ``torch.save`` +
+``torch.load(weights_only=True)`` before and after the first batch (the policy's class restored),
+``adaexit.stream`` and ``adaexit.Server`` equal to per-batch calls (outputs and ``ExitInfo``), ``calibrate``
+running (its policy saved and restored), and bad inputs refused with a message naming the argument or module.
 """
 
 from __future__ import annotations
@@ -237,10 +239,11 @@ def spread(kind: Kind, model, x) -> None:
     model.set_policy(ConfidencePolicy("maxprob", thresholds))
 
 
-def exit_index_of(info) -> torch.Tensor:
-    """The exit index of what ``stream`` / ``Server`` return with ``return_info=True``: an ``ExitInfo``'s, or
-    (until they return the one info type, issue 20.2) the bare exit-index tensor."""
-    return info.exit_index if isinstance(info, ExitInfo) else info
+def same_info(got, want: ExitInfo) -> None:
+    """``got`` is the one info type and reports what ``want`` (a per-batch call's) reports."""
+    assert isinstance(got, ExitInfo)
+    assert torch.equal(got.exit_index, want.exit_index) and got.exit_counts == want.exit_counts
+    assert got.flops == pytest.approx(want.flops) and got.full_flops == pytest.approx(want.full_flops)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -435,12 +438,13 @@ def test_stream_equals_per_batch_calls(kind):
     batches = _batches(kind)
     with torch.no_grad():
         expected = [logits_of(call(model, b)) for b in batches]
+    with torch.no_grad():
+        infos = [call(model, b, return_info=True)[1] for b in batches]
     outputs = list(adaexit.stream(model, batches, batch_size=4, return_info=True))
     assert len(outputs) == len(expected)
-    for (out, info), e, b in zip(outputs, expected, batches):
+    for (out, info), e, want in zip(outputs, expected, infos):
         close(logits_of(out), e)
-        with torch.no_grad():
-            assert torch.equal(exit_index_of(info), call(model, b, return_info=True)[1].exit_index)
+        same_info(info, want)
 
 
 @pytest.mark.parametrize("kind", cases("server"))
@@ -450,13 +454,13 @@ def test_server_equals_per_batch_calls(kind):
     batches = _batches(kind)
     with torch.no_grad():
         expected = [logits_of(call(model, b)) for b in batches]
-        expected_exits = [call(model, b, return_info=True)[1].exit_index for b in batches]
+        infos = [call(model, b, return_info=True)[1] for b in batches]
     with adaexit.Server(model, batch_size=4, max_wait_ms=1) as server:
         futures = [server.submit(b, return_info=True) for b in batches]
         got = [f.result(timeout=120) for f in futures]
-    for (out, info), e, exits in zip(got, expected, expected_exits):
+    for (out, info), e, want in zip(got, expected, infos):
         close(logits_of(out), e)
-        assert torch.equal(exit_index_of(info), exits)
+        same_info(info, want)
 
 
 @pytest.mark.parametrize("kind", cases("calibrate"))
