@@ -299,11 +299,21 @@ class AdaptiveModel(nn.Module):
         """The dtype of the returned logits (``None``: as the executor produced them)."""
         return None
 
+    def set_execution(self, *, sync: bool = True) -> "AdaptiveModel":
+        """``sync=False``: the zero-sync mode (see :mod:`adaexit.executor`): no decision reads the device,
+        every node runs on a buffer of the batch's size with its tail masked, so ``forward`` can be captured
+        in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``; outputs equal the default
+        ``sync=True`` (one host sync per decision, later nodes run on the survivors only)."""
+        self.execution_sync = bool(sync)
+        return self
+
+    execution_sync: bool = True
+
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ExecutionTrace]:
         """Sparse execution of the batch under the policy: ``(logits [N, classes], trace)``."""
         n = num_rows(x)
-        logits, trace = execute(self.graph(), x, self.route, self.init_state(n, x.device))
-        if sum(trace.exit_counts) != n:
+        logits, trace = execute(self.graph(), x, self.route, self.init_state(n, x.device), sync=self.execution_sync)
+        if trace.counts is None and sum(trace.exit_counts) != n:
             raise ValueError(
                 f"the policy lost rows ({n - sum(trace.exit_counts)} of {n}): routes "
                 "must lie in [0, 1 + len(successors[k])) at every node k"
@@ -314,6 +324,7 @@ class AdaptiveModel(nn.Module):
     def exit_info(self, x: torch.Tensor, trace: ExecutionTrace) -> ExitInfo:
         """The :class:`ExitInfo` of a sparse execution of ``x``."""
         n = num_rows(x)
+        trace.settle()  # zero-sync mode: the counts are read here
         if n:
             stage_flops, head_flops = self.exit_costs(x, "flops")
             reference = self.reference_cost(x, "flops")

@@ -105,7 +105,7 @@ def direct_call(*tensors: torch.Tensor | None) -> bool:
     """
     if (
         torch.compiler.is_compiling()
-        or torch._C._autograd._profiler_enabled()
+        or torch._C._autograd._profiler_enabled() or torch.autograd.profiler._is_profiler_enabled  # (any thread)
         or _get_current_dispatch_mode() is not None
         or torch._C._are_functorch_transforms_active()
     ):

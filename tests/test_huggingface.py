@@ -175,10 +175,10 @@ def test_stream_over_token_batches_equals_per_batch():
     ee.set_policy(ConfidencePolicy("maxprob", [float(dense[0].median()), float(dense[1].median())]))
     batches = [token_batch(lengths, seed=s) for s, lengths in enumerate([[7, 3], [31, 2, 9, 9], [1], [12, 12, 12]])]
     streamed = list(adaexit.stream(ee, batches, batch_size=4, return_info=True))
-    for x, (out, exit_index) in zip(batches, streamed):
+    for x, (out, streamed_info) in zip(batches, streamed):
         with torch.no_grad():
             ref, info = ee(**x, return_info=True)
-        assert torch.equal(exit_index, info.exit_index)
+        assert torch.equal(streamed_info.exit_index, info.exit_index)
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
 
 

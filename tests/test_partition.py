@@ -156,10 +156,10 @@ def test_partition_empty():
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-@pytest.mark.parametrize("n, num_routes, capacity", [(0, 3, 4), (1, 2, 1), (37, 3, 40), (37, 3, 5), (100, 5, 0)])
-def test_partition_capacity(backend, n, num_routes, capacity, use_backend):
+@pytest.mark.parametrize("n, num_routes, capacity", [(0, 3, 4), (1, 2, 1), (37, 3, 40), (37, 3, 5), (100, 5, 0), (100, 2, 30)])
+def test_partition_capacity(backend, n, num_routes, capacity, use_backend, blocks):
     """``capacity=c``: route r's rows (stable) in row r of an [R, c] matrix, -1 padding, overflow dropped;
-    counts are the full counts; no host sync."""
+    counts are the full counts; no host sync. tiny_blocks: the multi-block kernels write the layout."""
     use_backend(backend)
     route = make_route(n, num_routes, "random")
     before = host_sync_count()

@@ -56,7 +56,7 @@ from ..base import (
 )
 from ..cost import sync
 from ..data import batches
-from ..executor import SOURCE, Node, execute
+from ..executor import SOURCE, Node, execute, num_rows, take_rows
 from ..kernels import compact, scatter_rows
 from ..kernels._dispatch import to_host
 from ..policies import Policy
@@ -148,11 +148,12 @@ class _AnytimeCall:
             return self.policy.decide(k, node.head, h, pol_state)
         except RuntimeError as err:
             raise ValueError(
-                f"exit head {k} ({node.name}) does not fit its stage's output (shape {tuple(h.shape)}): {err}"
+                f"exit head {k} ({node.name}) does not fit its stage's output "
+                f"({tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}): {err}"
             ) from err
 
     def __call__(self, k: int, node: Node, h: torch.Tensor, state: dict):
-        n, last = h.shape[0], k == len(self.nodes) - 1
+        n, last = num_rows(h), k == len(self.nodes) - 1  # h: a tensor, or rows of several (a RowBatch)
         state = dict(state)
         spent_row = state["anytime_spent"] + self.stage[k]
         self.spent += n * self.stage[k]
@@ -174,7 +175,7 @@ class _AnytimeCall:
         if last:
             self._write(state, spent_row, None)
             state["anytime_spent"] = spent_row
-            return logits, torch.zeros(n, dtype=torch.long, device=h.device), state
+            return logits, torch.zeros(n, dtype=torch.long, device=self.device), state
 
         need = self.stage[k + 1] + self.head[k + 1]  # enter a stage only if its exit is affordable too
         cont = None if exit_mask is None else ~exit_mask  # None: every row would continue
@@ -205,10 +206,10 @@ class _AnytimeCall:
             if elapsed + predict(k + 1, n) > self.deadline and elapsed + predict(k + 1, continuing()) > self.deadline:
                 batch_stop = STOP_DEADLINE
         if batch_stop is not None:
-            stopping = torch.ones(n, dtype=torch.bool, device=h.device) if cont is None else cont
-            base = torch.zeros(n, dtype=torch.long, device=h.device) if reason is None else reason
+            stopping = torch.ones(n, dtype=torch.bool, device=self.device) if cont is None else cont
+            base = torch.zeros(n, dtype=torch.long, device=self.device) if reason is None else reason
             reason = torch.where(stopping, batch_stop, base)
-            cont = torch.zeros(n, dtype=torch.bool, device=h.device)
+            cont = torch.zeros(n, dtype=torch.bool, device=self.device)
 
         if cont is None:  # no decision at this exit: all rows go on (no partition, no host sync)
             state["anytime_spent"] = spent_row
@@ -221,11 +222,12 @@ class _AnytimeCall:
                 spent_row = spent_row + self.head[k]
                 self.spent += n * self.head[k]
             else:
-                kept, h_stop = compact(budget_stop, h)  # one host sync: how many rows stop here
+                (kept,) = compact(budget_stop)  # one host sync: how many rows stop here
+                h_stop = take_rows(h, kept)
                 stopped = kept.shape[0]
                 if stopped:
                     sub = _head_logits(node, h_stop)
-                    logits = torch.zeros((n, sub.shape[1]), dtype=sub.dtype, device=h.device)
+                    logits = torch.zeros((n, sub.shape[1]), dtype=sub.dtype, device=self.device)
                     scatter_rows(logits, kept, sub)
                     spent_row = spent_row + budget_stop.to(spent_row.dtype) * self.head[k]
                     self.spent += stopped * self.head[k]
@@ -287,6 +289,7 @@ class AnytimeRunner:
         if int(repeats) < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         nodes, _ = _graph(self.model)
+        x = self.model.prepare_input(x)
         times: list[list[float]] = [[] for _ in nodes]
         for _ in range(int(repeats)):
             h = x
@@ -299,7 +302,7 @@ class AnytimeRunner:
                 times[k].append((time.perf_counter() - t0) * 1e3)
         medians = [sorted(t)[len(t) // 2] for t in times]
         for k, ms in enumerate(medians):
-            self._latency.record(k, x.shape[0], ms, replace=True)
+            self._latency.record(k, num_rows(x), ms, replace=True)
         return medians
 
     def predict(
@@ -314,6 +317,8 @@ class AnytimeRunner:
         ``elapsed_ms`` (CUDA-synchronised when a deadline is set; without one, host time) and the budgets.
 
         Args:
+            x: the batch as the model takes it (a tensor; a mapping of keyword tensors for a wrapped Hugging
+                Face model).
             budget_flops: FLOPs for the whole batch; at least the first exit's cost for every row.
             deadline_ms: wall-clock deadline for the call, in milliseconds (> 0).
             per_example_budget: ``[N]`` FLOPs per row (a tensor or sequence; ``inf`` = unlimited), each
@@ -322,10 +327,9 @@ class AnytimeRunner:
         model = self.model
         if model.training:
             raise ValueError("model is in training mode: call model.eval() before anytime prediction")
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise ValueError("x must be a tensor with a batch dimension")
         nodes, policy = _graph(model)
-        n, device = x.shape[0], x.device
+        x = model.prepare_input(x)  # as the model takes it (a Hugging Face model's keyword inputs: a mapping)
+        n, device = num_rows(x), x.device
         stage, head = self.costs(x) if n else ([0.0] * len(nodes), [0.0] * len(nodes))
         first = float(stage[0] + head[0])
 

@@ -3,8 +3,9 @@
 ``kept_index`` (int64) lists the rows where ``keep`` is true, in their original order, and every tensor
 that travels with the batch is gathered to those rows (``gather_rows(t, kept_index)``).
 
-Built on the other kernels: :func:`adaexit.kernels.partition` with two routes (``route = ~keep``: kept rows
-form route 0, so ``order[:counts[0]]`` is the stable list of kept rows) followed by one
+Built on the other kernels: :func:`adaexit.kernels.partition`'s kernel with one route (``route = ~keep``: kept
+rows form route 0; dropped rows, route 1, are out of range and written nowhere, so ``order[:counts[0]]`` is the
+stable list of kept rows, and with ``capacity`` the kernel writes the padded list itself) followed by one
 :func:`adaexit.kernels.gather_rows` launch per tensor. This module has no kernel of its own.
 
 Host synchronisation:
@@ -67,36 +68,31 @@ def compact_torch(keep: torch.Tensor, *tensors: torch.Tensor, capacity: int | No
 
 
 def _compact_triton(keep: torch.Tensor, tensors, capacity):
-    """partition's kernel (two routes) for the kept rows, then one gather_rows launch per tensor."""
-    n = keep.shape[0]
-    order, counts = partition_triton(~keep, 2)  # route 0 = kept rows, stable
+    """partition's kernel with one route for the kept rows, then one gather_rows launch per tensor."""
+    # route 0 = kept rows (stable); dropped rows have route 1, out of range for one route: the kernel counts
+    # and writes them nowhere
+    order, counts = partition_triton((~keep).view(torch.uint8), 1, capacity)
     if capacity is None:
-        (k,) = to_host(counts[:1])  # the one host sync
+        (k,) = to_host(counts)  # the one host sync
         kept_index = order[:k]
     else:
-        kept_index = torch.full((capacity,), -1, dtype=torch.int64, device=keep.device)
-        m = min(capacity, n)
-        slot = torch.arange(m, device=keep.device)
-        kept_index[:m] = torch.where(slot < counts[0], order[:m], -1)
+        kept_index = order[0]  # [capacity], -1 padded by the kernel's layout
     # kept_index is valid by construction (or -1 padding, which the kernel turns into zero rows)
     return [kept_index, *(gather_rows_triton(t, kept_index) for t in tensors)]
 
 
 def bytes_moved(keep: torch.Tensor, *tensors: torch.Tensor, kept: int, capacity: int | None = None) -> int:
     """The bytes-moved model of ``compact(keep, *tensors, capacity=capacity)`` when ``kept`` rows are kept:
-    ``~keep`` (read and write ``N`` bools), partition of that uint8 route into 2 routes, a gather of the kept
-    rows of each tensor. ``capacity=None`` reads the kept count back (8 B); ``capacity=c`` instead builds
-    ``kept_index`` on the device (a ``c``-slot fill and ~5 int64 passes over ``min(c, N)`` slots) and writes
-    ``c`` rows of each tensor, ``c - kept`` of them zeros."""
+    ``~keep`` (read and write ``N`` bools), partition of that uint8 route with one route, a gather of the kept
+    rows of each tensor. ``capacity=None`` reads the kept count back (8 B); ``capacity=c`` fills the ``c``-slot
+    index with -1 first and writes ``c`` rows of each tensor, ``c - kept`` of them zeros."""
     n = keep.shape[0]
-    moved = 2 * n + partition_bytes(keep.view(torch.uint8), 2)
+    moved = 2 * n + partition_bytes(keep.view(torch.uint8), 1, capacity)
     rows = kept if capacity is None else min(kept, capacity)
     moved += sum(gather_bytes(t, keep.new_empty(rows, dtype=torch.int64)) for t in tensors)
     if capacity is None:
         return moved + 8
-    m = min(capacity, n)
-    pad = sum((capacity - rows) * (t[0].numel() if n else 0) * t.element_size() for t in tensors)
-    return moved + 8 * capacity + 5 * 8 * m + pad
+    return moved + sum((capacity - rows) * (t[0].numel() if n else 0) * t.element_size() for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
