@@ -525,7 +525,9 @@ def _execute_static(nodes, x, router, state, packing) -> tuple[torch.Tensor, Exe
             logits_out.index_copy_(0, dest, logits if logits.dtype == logits_out.dtype else logits.to(logits_out.dtype))
             exit_index.index_fill_(0, dest, i)
     exit_index = exit_index[:n]
-    exit_counts = torch.bincount(exit_index + 1, minlength=len(nodes) + 1)[1:]  # (-1: a row a bad router lost)
+    # (bincount would sync on CUDA to size its output; -1: a row a bad router lost, counted nowhere)
+    exit_counts = torch.zeros(len(nodes) + 1, dtype=torch.long, device=device)
+    exit_counts = exit_counts.scatter_add_(0, exit_index + 1, torch.ones_like(exit_index))[1:]
     counts = torch.stack([exit_counts, torch.stack(rows_run), torch.stack(rows_decided)])
     trace = ExecutionTrace(exit_index, counts=counts)
     return logits_out[:n], trace

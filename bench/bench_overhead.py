@@ -10,8 +10,9 @@ profiler. Reported per mode: ops per node run beyond the node's own (every op th
 module's own ops, profiled alone), host syncs per decision, and, where the kernels count them
 (``adaexit.kernels.launch_count``), Triton launches per node run on the Triton path.
 
-:func:`zero_sync_forward` is the zero-sync mode's hook for ``bench.gpu_check``: a forward of the chain with
-no host sync (CUDA-graph capturable) beside the syncing mode's.
+:func:`cuda_graph_check` is ``bench.gpu_check``'s hook for the zero-sync mode: the chain's forward with no
+host sync captured in a CUDA graph, checked and timed against the syncing mode (:func:`zero_sync_forward`
+builds the two calls).
 
 Target (issue 19): <= 30 ops per node run beyond the node's own, every mode.
 """
@@ -148,6 +149,59 @@ def zero_sync_forward(device: str = "cuda", batch: int = 64):
             return zero(x)
 
     return sync_call, zero_sync_call, x
+
+
+def cuda_graph_check(device, dry_run: bool = False, budget_s: float = 60.0, batch: int = 64) -> dict:
+    """``bench.gpu_check``'s ``cuda_graph`` section: the held-out chain's forward in the zero-sync mode
+    captured in a CUDA graph, checked against eager (both modes) and timed against the syncing mode (median
+    ms of CUDA-event-timed calls). ``dry_run`` (or a device that is not CUDA): no capture, no timing; the
+    two modes are run once and compared, and the zero-sync mode's host syncs counted."""
+    import time
+
+    device = torch.device(device)
+    sync_call, zero_sync_call, x = zero_sync_forward(str(device), batch)
+    before = host_sync_count()
+    eager_zero = zero_sync_call()
+    result = {"device": str(device), "batch": batch, "zero_sync_host_syncs": host_sync_count() - before}
+    eager_sync = sync_call()
+    result["modes_max_abs_diff"] = float((eager_zero - eager_sync).abs().max())
+    if dry_run or device.type != "cuda":
+        result["captured"] = False
+        return result
+    stream_ = torch.cuda.Stream()
+    stream_.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream_):
+        for _ in range(3):  # warm up on a side stream, as CUDA-graph capture requires
+            zero_sync_call()
+    torch.cuda.current_stream().wait_stream(stream_)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = zero_sync_call()
+    graph.replay()
+    torch.cuda.synchronize()
+    result["captured"] = True
+    result["graph_max_abs_diff"] = float((static_out - eager_zero).abs().max())
+
+    def timed(fn, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return float(sorted(times)[len(times) // 2])
+
+    deadline = time.monotonic() + budget_s
+    repeats = 50
+    result["sync_ms"] = timed(sync_call, repeats)
+    result["zero_sync_eager_ms"] = timed(zero_sync_call, repeats) if time.monotonic() < deadline else None
+    result["zero_sync_graph_ms"] = timed(graph.replay, repeats) if time.monotonic() < deadline else None
+    if result["zero_sync_graph_ms"]:
+        result["graph_speedup_over_sync"] = result["sync_ms"] / result["zero_sync_graph_ms"]
+    result["device_name"] = torch.cuda.get_device_name(device)
+    return result
 
 
 def launches_per_node_run(model, x: torch.Tensor, mode: str, batch: int = 64, batches: int = 8) -> float:

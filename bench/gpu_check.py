@@ -18,9 +18,9 @@ a CUDA-graph section hook. Sections, in order of value (a GPU session may be cut
    BRIEF's targets: compaction and the exit gate at >= 80% of copy bandwidth).
 4. ``end_to_end`` - ``bench.bench_wrap.measure`` on the device: a wrapped torchvision ResNet-50 with plain,
    masked dense and adaexit timed interleaved, and the FLOPs ideal.
-5. ``cuda_graph`` - a hook: ``bench.bench_overhead.cuda_graph_check(device, dry_run, budget_s) -> dict`` (the
-   zero-sync mode captured in a CUDA graph, timed against the syncing mode), when that function exists;
-   otherwise the section is skipped, saying so.
+5. ``cuda_graph`` - the executor's zero-sync mode (``set_execution(sync=False)``): no host sync and outputs
+   equal to the syncing mode; on CUDA the forward captured in a CUDA graph, replayed and timed (CUDA events)
+   against the syncing mode. Skipped, saying so, where the model has no zero-sync mode.
 
 Budget. ``--budget-s`` counts from the start of the process. Each section gets a share of what is left
 (unused time passes on) and checks it between steps (a pytest run gets the section's time as its timeout);
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import importlib.metadata
 import json
 import os
@@ -642,21 +641,77 @@ def end_to_end(sec: Section) -> None:
 
 
 # ====================================================================================================
-# 5. CUDA graph: a hook for the executor's zero-sync mode
+# 5. CUDA graph: the executor's zero-sync mode captured and replayed
+
+
+def _capture(model, x: torch.Tensor):
+    """``(graph, static output)``: ``model(x)`` (zero-sync mode) captured in a CUDA graph after warm-up."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(3):  # kernels compiled, allocator warmed, outside the capture
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        out = model(x)
+    return graph, out
 
 
 def cuda_graph(sec: Section) -> None:
-    try:
-        check = importlib.import_module("bench.bench_overhead").cuda_graph_check
-    except (ImportError, AttributeError) as err:
-        sec.record.update(status="skipped", reason=f"no bench.bench_overhead.cuda_graph_check yet ({err})")
+    """The early-exit CNN (``isotropic``; dry run: ``tiny``) in the zero-sync mode (``set_execution(sync=False)``):
+    no host sync, outputs equal to the syncing mode; on CUDA captured in a CUDA graph, replayed, and timed
+    (CUDA events) against the syncing mode's eager forward. The dry run has no CUDA graphs: eager only."""
+    device, dry = sec.device, sec.dry
+    model = EARLY_EXIT_MODELS["tiny" if dry else "isotropic"][1](0).to(device).eval()
+    if not hasattr(model, "set_execution"):
+        sec.record.update(status="skipped", reason="this adaexit has no zero-sync mode (AdaptiveModel.set_execution)")
         return
-    result: dict = {}
+    torch.manual_seed(0)
+    x = torch.randn(16 if dry else 256, 1, 28, 28).to(device)
+    model.set_policy(policy_for_fractions(model, x, [0.5, 0.25]))
+    result: dict = {"batch": int(x.shape[0])}
     sec.record["results"] = result
-    sec.check(
-        "zero-sync forward captured in a CUDA graph and timed against the syncing mode",
-        lambda: result.update(check(sec.device, sec.dry, max(1.0, sec.time_left()))) or result,
-    )
+    with torch.inference_mode():
+        want = model.set_execution(sync=True)(x)
+    model.set_execution(sync=False)
+
+    def zero_sync():
+        before = host_sync_count()
+        with torch.inference_mode():
+            got = model(x)
+        result["host_syncs"] = host_sync_count() - before
+        assert result["host_syncs"] == 0, f"{result['host_syncs']} host syncs in the zero-sync mode"
+        torch.testing.assert_close(got, want)
+
+    sec.check("zero-sync forward: no host sync, equal to the syncing mode", zero_sync)
+    if device.type != "cuda":
+        result["cuda_graph"] = "not on this device (CUDA graphs need a GPU)"
+        return
+
+    def graph():
+        static_x = x.clone()
+        g, out = _capture(model, static_x)
+        g.replay()
+        torch.testing.assert_close(out, want)
+        timer = make_timer(device)
+
+        def syncing():
+            model.set_execution(sync=True)(static_x)
+            model.set_execution(sync=False)
+
+        calls = {"graph_replay": g.replay, "zero_sync_eager": lambda: model(static_x), "syncing_eager": syncing}
+        with torch.inference_mode():
+            for _ in range(20):
+                for name, call in calls.items():
+                    with timer.region(name):
+                        call()
+        ms = {name: median(times) for name, times in timer.collect().items()}
+        result.update({f"{name}_ms": v for name, v in ms.items()})
+        result["graph_speedup_vs_syncing"] = ms["syncing_eager"] / ms["graph_replay"] if ms["graph_replay"] else None
+        return {"graph_speedup_vs_syncing": result["graph_speedup_vs_syncing"]}
+
+    sec.check("zero-sync forward captured in a CUDA graph, replayed equal, timed against the syncing mode", graph)
 
 
 # ====================================================================================================

@@ -726,3 +726,18 @@ def test_chain_search_follows_skips_exactly(kind):
                     trial_u = list(u)
                     trial_u[k] = float(us[i])
                     assert (ls[i], cs[i]) == pytest.approx(simulated(t, trial_u), rel=1e-9)
+
+
+def test_a_member_that_prepares_its_own_input_is_refused_by_name():
+    """Members read the cascade's input tensor; a wrapped Hugging Face model turns its input into token rows
+    (a TokenBatch) of its own, so a cascade refuses it, naming it, instead of feeding it the wrong rows."""
+    pytest.importorskip("transformers", reason="the Hugging Face wrappers need transformers (adaexit[hf])")
+    from helpers import hf_classifier, hf_layer_names
+
+    from adaexit import wrap
+
+    bert = hf_classifier("bert")
+    # (the first member never runs: the refusal comes while the input is prepared)
+    c = Cascade([nn.Embedding(100, 4), wrap(bert, exits=hf_layer_names(bert, ks=(1,)))]).eval()
+    with pytest.raises(ValueError, match=r"models\[1\] \(TransformerExits\) reads its input as a TokenBatch"):
+        c(torch.randint(3, 100, (2, 5)))

@@ -7,11 +7,13 @@ a kind cannot pass yet is listed in its ``xfail`` with the exact failure and who
 makes the case fail until the entry is removed).
 
 The checks: a dense train-mode forward (every exit's logits, differentiable), the eval-mode forward (one
-prediction per row, each equal to the dense logits at the exit it took, one ``ExitInfo``), a never-exit policy
-equal to the underlying model, every row equal to running it alone (batch composition and order do not
-matter), an empty batch, ``state_dict`` through ``torch.save`` + ``torch.load(weights_only=True)`` before and
-after the first batch (the policy's class restored), ``adaexit.stream`` and ``adaexit.Server`` equal to
-per-batch calls, ``calibrate`` running, and bad inputs refused with a message naming the argument or module.
+prediction per row, each equal to the dense logits at the exit it took, one ``ExitInfo``), the same on the
+Triton kernels (interpreter), the zero-sync mode, anytime prediction (the same ``ExitInfo``; per-row budgets),
+a never-exit policy equal to the underlying model, every row equal to running it alone (batch composition
+and order do not matter), an empty batch, ``state_dict`` through ``torch.save`` +
+``torch.load(weights_only=True)`` before and after the first batch (the policy's class restored),
+``adaexit.stream`` and ``adaexit.Server`` equal to per-batch calls (outputs and ``ExitInfo``), ``calibrate``
+running (its policy saved and restored), and bad inputs refused with a message naming the argument or module.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ EARLY_EXIT_MEMBERS = {  # early-exit kinds that take VEC_DIM features
     "wrap/sequential": partial(wrap_sequential_kind, example_input=True),
     "wrap/sequential_lazy_heads": partial(wrap_sequential_kind, example_input=False),
 }
-IMAGE_MEMBERS = {"wrap/torchvision": (wrap_torchvision_kind, None), "wrap/timm": (wrap_timm_kind, "timm")}
+IMAGE_MEMBERS = {"wrap/torchvision": (wrap_torchvision_kind, "torchvision"), "wrap/timm": (wrap_timm_kind, "timm")}
 # alone (in a cascade, and for heads built from the first batch, the first batch runs a dense probe that
 # names the node)
 ALONE_XFAIL = {name: {"bad_input": BAD_WIDTH} for name in EARLY_EXIT_MEMBERS if name != "wrap/sequential_lazy_heads"}
@@ -149,7 +151,8 @@ def cascade_of(*builders):
 
 
 KINDS: list[Kind] = [
-    *[Kind(name, build, vec, bad_vec, xfail=ALONE_XFAIL.get(name, {})) for name, build in EARLY_EXIT_MEMBERS.items()],
+    *[Kind(name, build, vec, bad_vec, xfail=ALONE_XFAIL.get(name, {}))
+      for name, build in EARLY_EXIT_MEMBERS.items()],
     *[Kind(name, build, image, bad_image, needs=needs, xfail=ALONE_XFAIL[name])
       for name, (build, needs) in IMAGE_MEMBERS.items()],
     *[Kind(f"wrap/hf_{family}", partial(wrap_hf_kind, family), partial(hf_inputs, family),
@@ -236,10 +239,11 @@ def spread(kind: Kind, model, x) -> None:
     model.set_policy(ConfidencePolicy("maxprob", thresholds))
 
 
-def exit_index_of(info) -> torch.Tensor:
-    """The exit index of what ``stream`` / ``Server`` return with ``return_info=True``: an ``ExitInfo``'s, or
-    (until they return the one info type, issue 20.2) the bare exit-index tensor."""
-    return info.exit_index if isinstance(info, ExitInfo) else info
+def same_info(got, want: ExitInfo) -> None:
+    """``got`` is the one info type and reports what ``want`` (a per-batch call's) reports."""
+    assert isinstance(got, ExitInfo)
+    assert torch.equal(got.exit_index, want.exit_index) and got.exit_counts == want.exit_counts
+    assert got.flops == pytest.approx(want.flops) and got.full_flops == pytest.approx(want.full_flops)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -328,6 +332,26 @@ def test_anytime_prediction_reports_the_one_info_type(kind):
     close(logits, torch.where(odd[:, None], dense[0].float(), dense[-1].float()))
 
 
+@pytest.mark.parametrize("kind", cases("zero_sync"))
+def test_zero_sync_execution_equals_the_default(kind):
+    """``set_execution(sync=False)`` (no host sync: buffers of the batch's size, tails masked) changes no
+    output and no exit."""
+    model, _ = build(kind)
+    if kind.controllers:  # refused by name rather than run with corrupted per-row costs
+        with pytest.raises(ValueError, match="D2NN.set_execution"):
+            model.set_execution(sync=False)
+        return
+    x = kind.inputs(N, 0)
+    spread(kind, model, x)
+    with torch.no_grad():
+        want, want_info = call(model, x, return_info=True)
+        model.set_execution(sync=False)
+        got, got_info = call(model, x, return_info=True)
+    assert torch.equal(got_info.exit_index, want_info.exit_index)
+    assert got_info.exit_counts == want_info.exit_counts and got_info.flops == pytest.approx(want_info.flops)
+    close(logits_of(got), logits_of(want))
+
+
 @pytest.mark.parametrize("kind", cases("never_exit"))
 def test_never_exit_equals_the_underlying_model(kind):
     if kind.controllers:
@@ -414,12 +438,13 @@ def test_stream_equals_per_batch_calls(kind):
     batches = _batches(kind)
     with torch.no_grad():
         expected = [logits_of(call(model, b)) for b in batches]
+    with torch.no_grad():
+        infos = [call(model, b, return_info=True)[1] for b in batches]
     outputs = list(adaexit.stream(model, batches, batch_size=4, return_info=True))
     assert len(outputs) == len(expected)
-    for (out, info), e, b in zip(outputs, expected, batches):
+    for (out, info), e, want in zip(outputs, expected, infos):
         close(logits_of(out), e)
-        with torch.no_grad():
-            assert torch.equal(exit_index_of(info), call(model, b, return_info=True)[1].exit_index)
+        same_info(info, want)
 
 
 @pytest.mark.parametrize("kind", cases("server"))
@@ -429,13 +454,13 @@ def test_server_equals_per_batch_calls(kind):
     batches = _batches(kind)
     with torch.no_grad():
         expected = [logits_of(call(model, b)) for b in batches]
-        expected_exits = [call(model, b, return_info=True)[1].exit_index for b in batches]
+        infos = [call(model, b, return_info=True)[1] for b in batches]
     with adaexit.Server(model, batch_size=4, max_wait_ms=1) as server:
         futures = [server.submit(b, return_info=True) for b in batches]
         got = [f.result(timeout=120) for f in futures]
-    for (out, info), e, exits in zip(got, expected, expected_exits):
+    for (out, info), e, want in zip(got, expected, infos):
         close(logits_of(out), e)
-        assert torch.equal(exit_index_of(info), exits)
+        same_info(info, want)
 
 
 @pytest.mark.parametrize("kind", cases("calibrate"))

@@ -8,7 +8,7 @@ import torch
 from adaexit import ConfidencePolicy, PatiencePolicy
 from adaexit.kernels import host_sync_count
 from bench.bench_overhead import TARGET_OPS, held_out_chain, launches_per_node_run, overhead, two_network_cascade
-from helpers import randn_inputs, small_combination, small_early_exit
+from helpers import randn_inputs, skipping_cascade, small_combination, small_early_exit
 
 DIM, CLASSES = 12, 4
 
@@ -38,6 +38,7 @@ MODELS = {
     "early_exit": lambda: small_early_exit(DIM, CLASSES, ConfidencePolicy("maxprob", [0.4, 0.45])),
     "patience": lambda: small_early_exit(DIM, CLASSES, PatiencePolicy(1)),
     "combination": lambda: small_combination(DIM, CLASSES, None),
+    "skipping_cascade": lambda: skipping_cascade(DIM, CLASSES),  # a node fed by two predecessors (merge)
 }
 
 
@@ -87,3 +88,13 @@ def test_zero_sync_mode_on_the_triton_path(triton_backend):
         out = model(x)
         assert host_sync_count() == before
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_hook_dry_run():
+    """bench.gpu_check's hook for the zero-sync mode: on a CPU (dry run) it runs both modes once and counts
+    the zero-sync mode's host syncs."""
+    from bench.bench_overhead import cuda_graph_check
+
+    result = cuda_graph_check("cpu", dry_run=True, batch=16)
+    assert result["zero_sync_host_syncs"] == 0 and result["captured"] is False
+    assert result["modes_max_abs_diff"] < 1e-4

@@ -156,3 +156,12 @@ def test_bad_arguments():
         list(adaexit.stream(nn.Linear(2, 2), batches_of([2])))
     with pytest.raises(ValueError, match="training mode"):
         list(adaexit.stream(early_exit().train(), batches_of([2])))
+
+
+def test_a_dataloader_of_inputs_and_labels_gets_a_message_saying_what_to_do():
+    """Issue 22: stream(model, loader) with a DataLoader of (x, y) says to pass the inputs only."""
+    model = early_exit()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(randn_inputs(8, DIM), torch.zeros(8)), batch_size=4)
+    with pytest.raises(ValueError, match=r"stream: batch 0 is a list of 2 items.*\(inputs, labels\).*x for x, _ in loader"):
+        list(adaexit.stream(model, loader))
+    assert len(list(adaexit.stream(model, (x for x, _ in loader)))) == 2

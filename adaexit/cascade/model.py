@@ -63,7 +63,8 @@ class Cascade(AdaptiveModel):
 
     Args:
         models: networks that read the same input and predict the same classes, cheapest first. An
-            :class:`~adaexit.EarlyExitNet` contributes one node per exit (see the module docstring).
+            adaptive member whose graph is a chain of exits (an :class:`~adaexit.EarlyExitNet`, a model from
+            :func:`adaexit.wrap` of a vision model) contributes one node per exit (see the module docstring).
         policy: a :class:`~adaexit.policies.Policy` (exit mask: 0 = exit, 1 = next node) or a
             :class:`RoutingPolicy` (any later node). Default: :class:`~adaexit.NeverExitPolicy` (every row
             runs every node and returns the last one's prediction).

@@ -292,6 +292,16 @@ class D2NN(AdaptiveModel):
     def set_policy(self, policy):
         raise self._no_exit_policy("set_policy")
 
+    def set_execution(self, *, sync: bool = True) -> "D2NN":
+        """Only the default (``sync=True``): a rollout writes every row's cost and log-probability as the
+        router sees it, which the zero-sync mode's padded buffers would corrupt."""
+        if not sync:
+            raise ValueError(
+                "D2NN.set_execution: the zero-sync mode (sync=False) is not supported: a D2NN's router writes "
+                "each row's cost and log-probability, which padded zero-sync buffers would corrupt"
+            )
+        return super().set_execution(sync=True)
+
     def exit_logits(self, x: torch.Tensor):
         raise self._no_exit_policy("exit_logits")
 

@@ -103,7 +103,8 @@ def _compact_impl(keep: torch.Tensor, tensors: list[torch.Tensor], capacity: int
     if use_triton(keep.device):
         return _compact_triton(keep, tensors, capacity)
     kept_index, *rows = compact_torch(keep, *tensors, capacity=capacity)
-    return [kept_index, *(in_row_layout(r, t) for r, t in zip(rows, tensors))]
+    # contiguous t: index_select's rows are contiguous too, the layout the fake promises
+    return [kept_index, *(r if t.is_contiguous() else in_row_layout(r, t) for r, t in zip(rows, tensors))]
 
 
 _compact_op = torch.library.custom_op("adaexit::compact", mutates_args=())(_compact_impl)
