@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .cost import chain_flops, chain_latency, module_device
-from .executor import SOURCE, ExecutionTrace, Node, execute, num_rows
+from .executor import SOURCE, ExecutionTrace, Node, execute, num_rows, run_module
 from .policies import Policy, RoutingPolicy, policy_from_state
 
 COSTS = ("flops", "latency")
@@ -219,11 +219,7 @@ class AdaptiveModel(nn.Module):
         outputs, h = [], x
         for k, node in enumerate(self.graph()):
             inp = x if k == 0 or node.takes == SOURCE else h
-            try:
-                h = node.module(inp)
-            except (RuntimeError, ValueError) as err:
-                shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__
-                raise ValueError(f"node {k} ({node.name}) failed on its input ({shape}): {err}") from err
+            h = run_module(k, node, inp)
             outputs.append(self._dense_head(k, node, h))
         return outputs
 

@@ -291,11 +291,22 @@ def merge(parts: list[Part], node: Node, index: int) -> Part:
     return Part(torch.cat([p.meta for p in parts]), payload, source, loose)
 
 
+def run_module(i: int, node: Node, rows):
+    """``node.module(rows)``, a failure named by its node (a bare shape error from deep inside a model
+    does not say which stage got the wrong input)."""
+    try:
+        return node.module(rows)
+    except (RuntimeError, ValueError) as err:
+        shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        kind = ValueError if isinstance(err, ValueError) else RuntimeError
+        raise kind(f"node {i} ({node.name}) failed on its input ({shape}): {err}") from err
+
+
 def _decide(nodes, i, part: Part, router: Router, packing: Packing):
     """Run node ``i``'s module and its router: ``(features, logits, route, meta, loose)``, the state
     repacked when the router changed it."""
     node = nodes[i]
-    features = node.module(part.payload)
+    features = run_module(i, node, part.payload)
     state = packing.unpack(part.meta)
     state.update(part.loose)
     logits, route, new_state = router(i, node, features, state)
