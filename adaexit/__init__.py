@@ -16,10 +16,13 @@ its graph; policies only decide routes.
 * dynamic routing (D2NN): :class:`D2NN`, :class:`Controller`, :class:`D2NNTrainer` and the topology builders
 * many batches and many callers: :func:`stream` (rows regrouped across batches), :class:`Server`
 * Hugging Face encoders: :func:`wrap` on BERT / RoBERTa / DistilBERT / ViT classifiers
+* decoder LLMs: :func:`wrap` on Llama-family causal LMs, :func:`generate` (per-row self-speculative decoding
+  and per-row early exit), :class:`CausalLMExits`, :class:`DecodeInfo`
 """
 
 from .wrappers import wrap
-from .anytime import EANN, AnytimeInfo, AnytimeRunner, anytime_curve, anytime_predict
+from .decoding import CausalLMExits, DecodeInfo, generate
+from .anytime import EANN, AnytimeRunner, anytime_curve, anytime_predict
 from .base import AdaptiveModel, ExitInfo
 from .calibration import CalibrationPoint, CalibrationResult, calibrate
 from .cascade import Cascade, NetworkSelectionPolicy, SelectorPolicy, train_reinforce
@@ -44,15 +47,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveModel",
-    "AnytimeInfo",
     "AnytimeRunner",
     "CalibrationPoint",
     "CalibrationResult",
     "Cascade",
+    "CausalLMExits",
     "ConfidencePolicy",
     "Controller",
     "D2NN",
     "D2NNTrainer",
+    "DecodeInfo",
     "EANN",
     "EarlyExitNet",
     "ExitHead",
@@ -75,6 +79,7 @@ __all__ = [
     "cascade_oracle",
     "chain_d2nn",
     "execute",
+    "generate",
     "hierarchy_d2nn",
     "high_low_d2nn",
     "oracle",

@@ -1,5 +1,5 @@
-"""Command line: ``python -m adaexit info`` (environment report), ``demo`` (the main job: Fashion-MNIST) and
-``encoders`` (Hugging Face encoders with early exits)."""
+"""Command line: ``python -m adaexit info`` (environment report), ``demo`` (the main job: Fashion-MNIST),
+``encoders`` (Hugging Face encoders with early exits) and ``llm`` (SmolLM2 decoding with exits)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from . import __version__
 from .apps.encoders import job as encoders_job
 from .apps.fashion_mnist import demo as demo_job
+from .apps.llm import job as llm_job
 from .cost import device_name
 from .kernels import _dispatch
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {
         "demo": (demo_job, "train, calibrate and measure adaptive models on Fashion-MNIST"),
         "encoders": (encoders_job, "Hugging Face encoders with early exits: MiniLM on Debian descriptions, a ViT"),
+        "llm": (llm_job, "decoder LLM: SmolLM2-135M with trained exits, self-speculative and early-exit decoding"),
     }
     for name, (job, help_text) in jobs.items():
         job.add_arguments(commands.add_parser(name, help=help_text, description=job.__doc__.split("\n")[0]))

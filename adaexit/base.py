@@ -23,15 +23,21 @@ import torch
 from torch import nn
 
 from .cost import chain_flops, chain_latency, module_device
-from .executor import SOURCE, ExecutionTrace, Node, execute, num_rows
+from .executor import SOURCE, ExecutionTrace, Node, execute, num_rows, run_module
 from .policies import Policy, RoutingPolicy, policy_from_state
 
 COSTS = ("flops", "latency")
 
 
+# Why a row stopped where it did (``ExitInfo.stop_reason``): anytime prediction adds budgets and deadlines
+# to the policy as reasons to stop (:mod:`adaexit.anytime`).
+STOP_REASONS = ("policy", "batch_budget", "example_budget", "deadline")
+STOP_POLICY, STOP_BATCH_BUDGET, STOP_EXAMPLE_BUDGET, STOP_DEADLINE = range(len(STOP_REASONS))
+
+
 @dataclass
 class ExitInfo:
-    """What an eval-mode forward did, from ``forward(x, return_info=True)``.
+    """What an eval-mode forward (or an anytime prediction) did, from ``forward(x, return_info=True)``.
 
     Attributes:
         exit_index: long ``[N]``: the exit whose prediction each row returned.
@@ -42,6 +48,12 @@ class ExitInfo:
         full_flops: FLOPs the reference model (:meth:`AdaptiveModel.reference_cost`: the plain
             network, or a cascade's strongest network) spends on the same batch.
         node_names: one name per node.
+        flops_per_row: float64 ``[N]``, FLOPs spent on each row, where the caller counted them per row
+            (anytime prediction); ``None`` otherwise.
+        stop_reason: long ``[N]``, index into :data:`STOP_REASONS` (anytime prediction); ``None``: every
+            row stopped by the policy.
+        elapsed_ms: wall-clock time of the call, where it was measured (anytime prediction).
+        budget_flops, deadline_ms: the anytime budgets the call ran under (``None`` = none).
     """
 
     exit_index: torch.Tensor
@@ -51,6 +63,11 @@ class ExitInfo:
     flops: float
     full_flops: float
     node_names: list[str] = field(default_factory=list)
+    flops_per_row: torch.Tensor | None = None
+    stop_reason: torch.Tensor | None = None
+    elapsed_ms: float | None = None
+    budget_flops: float | None = None
+    deadline_ms: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -64,6 +81,20 @@ class ExitInfo:
     def ideal_speedup(self) -> float:
         """Reference FLOPs over the FLOPs spent: the speedup if time were proportional to FLOPs."""
         return self.full_flops / self.flops if self.flops else float("nan")
+
+    @property
+    def deadline_met(self) -> bool:
+        """Whether the call finished within its deadline (``True`` without one)."""
+        return self.deadline_ms is None or (self.elapsed_ms is not None and self.elapsed_ms <= self.deadline_ms)
+
+    @property
+    def stop_counts(self) -> dict[str, int]:
+        """Rows per stop reason (every row ``"policy"`` when no budget applied)."""
+        if self.stop_reason is None:
+            counts = [self.batch_size] + [0] * (len(STOP_REASONS) - 1)
+        else:
+            counts = torch.bincount(self.stop_reason.cpu(), minlength=len(STOP_REASONS)).tolist()
+        return dict(zip(STOP_REASONS, counts))
 
 
 def trace_flops(trace: ExecutionTrace, node_flops, head_flops) -> float:
@@ -129,6 +160,21 @@ class AdaptiveModel(nn.Module):
         """The member network of each node (all 0 for one network; a cascade numbers its networks)."""
         return [0] * len(self.graph())
 
+    def member_graph(self) -> list[Node]:
+        """This model's graph as a member of a larger one (a :class:`~adaexit.Cascade`, an
+        :class:`~adaexit.EANN`): its nodes in order, checked to form a chain of exits (node ``k``
+        continues only to ``k + 1``, every node has an exit head). The container renames the nodes and
+        sets their successors; the member's own policy is not used there."""
+        nodes = self.graph()
+        for k, node in enumerate(nodes):
+            expected = (k + 1,) if k + 1 < len(nodes) else ()
+            if node.head is None or tuple(node.successors) != expected:
+                raise ValueError(
+                    f"{type(self).__name__} cannot be a member of a cascade or EANN: its node {k} ({node.name}) "
+                    "does not form a chain of exits (each node an exit head, continuing to the next node only)"
+                )
+        return nodes
+
     @property
     def num_exits(self) -> int:
         """Number of exits (nodes with an exit head); exit ``k`` is node ``k`` in chain models."""
@@ -172,7 +218,8 @@ class AdaptiveModel(nn.Module):
         """Every exit's logits for every row (dense, in the current mode; what ``train()`` returns)."""
         outputs, h = [], x
         for k, node in enumerate(self.graph()):
-            h = node.module(x if k == 0 or node.takes == SOURCE else h)
+            inp = x if k == 0 or node.takes == SOURCE else h
+            h = run_module(k, node, inp)
             outputs.append(self._dense_head(k, node, h))
         return outputs
 
@@ -248,11 +295,21 @@ class AdaptiveModel(nn.Module):
         """The dtype of the returned logits (``None``: as the executor produced them)."""
         return None
 
+    def set_execution(self, *, sync: bool = True) -> "AdaptiveModel":
+        """``sync=False``: the zero-sync mode (see :mod:`adaexit.executor`): no decision reads the device,
+        every node runs on a buffer of the batch's size with its tail masked, so ``forward`` can be captured
+        in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``; outputs equal the default
+        ``sync=True`` (one host sync per decision, later nodes run on the survivors only)."""
+        self.execution_sync = bool(sync)
+        return self
+
+    execution_sync: bool = True
+
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ExecutionTrace]:
         """Sparse execution of the batch under the policy: ``(logits [N, classes], trace)``."""
         n = num_rows(x)
-        logits, trace = execute(self.graph(), x, self.route, self.init_state(n, x.device))
-        if sum(trace.exit_counts) != n:
+        logits, trace = execute(self.graph(), x, self.route, self.init_state(n, x.device), sync=self.execution_sync)
+        if trace.counts is None and sum(trace.exit_counts) != n:
             raise ValueError(
                 f"the policy lost rows ({n - sum(trace.exit_counts)} of {n}): routes "
                 "must lie in [0, 1 + len(successors[k])) at every node k"
@@ -263,6 +320,7 @@ class AdaptiveModel(nn.Module):
     def exit_info(self, x: torch.Tensor, trace: ExecutionTrace) -> ExitInfo:
         """The :class:`ExitInfo` of a sparse execution of ``x``."""
         n = num_rows(x)
+        trace.settle()  # zero-sync mode: the counts are read here
         if n:
             stage_flops, head_flops = self.exit_costs(x, "flops")
             reference = self.reference_cost(x, "flops")
@@ -297,4 +355,11 @@ class AdaptiveModel(nn.Module):
         return (out, self.exit_info(x, trace)) if return_info else out
 
 
-__all__ = ["AdaptiveModel", "ExitInfo", "restore_policy_class", "standalone_costs", "trace_flops"]
+__all__ = [
+    "STOP_REASONS",
+    "AdaptiveModel",
+    "ExitInfo",
+    "restore_policy_class",
+    "standalone_costs",
+    "trace_flops",
+]

@@ -179,21 +179,44 @@ def to_device(x, device):
     return x
 
 
+def _is_rows(x) -> bool:
+    """A tensor, or keyword inputs (a dict / tokenizer ``BatchEncoding`` of tensors with one row count)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    return isinstance(x, Mapping) and len(x) > 0 and all(isinstance(v, torch.Tensor) for v in x.values())
+
+
+def _num_rows(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    counts = {name: v.shape[0] for name, v in x.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"data: the keyword inputs have different row counts: {counts}")
+    return next(iter(counts.values()))
+
+
+def _take_rows(x, sel: torch.Tensor):
+    if isinstance(x, torch.Tensor):
+        return x[sel.to(x.device)]
+    return {name: v[sel.to(v.device)] for name, v in x.items()}
+
+
 def batches(data, batch_size: int | None = None, shuffle: bool = False, generator=None, device=None):
-    """Yield ``(x, y)`` batches from an ``(x, y)`` pair of tensors or from an iterable of batches
+    """Yield ``(x, y)`` batches from an ``(x, y)`` pair (``x`` a tensor or keyword inputs such as a
+    tokenizer's output; ``y`` a tensor) or from an iterable of batches
     (a ``DataLoader``, a :class:`TensorLoader`, a list), moved to ``device`` when given.
 
     Every adaexit function that takes ``data`` reads it through here. For tensors, ``batch_size``
     rows at a time (all at once if None), optionally in a random order drawn from ``generator``.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_rows(data[0]) and isinstance(data[1], torch.Tensor):
         x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"data: x has {x.shape[0]} rows but y has {y.shape[0]}")
-        n = x.shape[0]
+        n = _num_rows(x)
+        if n != y.shape[0]:
+            raise ValueError(f"data: x has {n} rows but y has {y.shape[0]}")
         size = int(batch_size or max(1, n))
         index = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        pairs = ((x[sel.to(x.device)], y[sel.to(y.device)]) for sel in index.split(size))
+        pairs = ((_take_rows(x, sel), y[sel.to(y.device)]) for sel in index.split(size))
     else:
         try:
             pairs = iter(data)

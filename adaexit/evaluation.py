@@ -59,10 +59,28 @@ class ExitOutputs:
         """bool ``[K, N]``: whether exit ``k`` classifies row ``n`` correctly."""
         return self.logits.argmax(dim=2) == self.labels
 
+    def rows(self, index: torch.Tensor) -> "ExitOutputs":
+        """The same outputs restricted to the rows ``index`` (costs unchanged)."""
+        return ExitOutputs(self.logits[:, index], self.labels[index], list(self.stage_costs),
+                           list(self.head_costs), list(self.node_costs), self.reference_cost)
+
     def node_accuracy(self) -> list[float]:
         """Accuracy of every exit on its own."""
         n = self.labels.shape[0]
         return self.correct.double().mean(dim=1).tolist() if n else [float("nan")] * self.logits.shape[0]
+
+
+def _check_batch_labels(y, i: int) -> None:
+    """Labels must be integer class indices ``[N]``: say so when a batch carries inputs instead (a list
+    of two unlabelled input batches reads as one ``(x, y)`` pair)."""
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(
+            f"data: batch {i}'s second element has shape {tuple(y.shape)} and dtype {y.dtype}, not integer class "
+            f"labels of shape [N]: calibration and evaluation need labelled data, (x, y) batches or an (x, y) pair "
+            f"of tensors with y the class of every row (a list of two input batches without labels reads as one "
+            f"(x, y) pair)"
+        )
 
 
 @torch.no_grad()
@@ -78,6 +96,9 @@ def collect(model: AdaptiveModel, data, cost: str = "flops", progress: bool = Fa
 
     if not isinstance(model, AdaptiveModel):
         raise ValueError(f"model must be an adaexit AdaptiveModel, got {type(model).__name__}")
+    if isinstance(data, torch.Tensor):
+        raise ValueError(f"data is one tensor of shape {tuple(data.shape)} (inputs without labels): calibration and "
+                         f"evaluation need labelled data, an (x, y) pair of tensors or an iterable of (x, y) batches")
     num_exits = int(model.num_exits)
     device = module_device(model)
     logits, labels, first = [[] for _ in range(num_exits)], [], None
@@ -86,6 +107,7 @@ def collect(model: AdaptiveModel, data, cost: str = "flops", progress: bool = Fa
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError(f"data: batch {i} is not an (x, y) pair")
             x, y = model.prepare_input(to_device(batch[0], device)), batch[1]
+            _check_batch_labels(y, i)
             if num_rows(x) != len(y):
                 raise ValueError(f"data: batch {i} has {num_rows(x)} inputs but {len(y)} labels")
             if num_rows(x) == 0:
@@ -213,6 +235,10 @@ class OperatingPoint:
         exit_counts: rows per exit.
         new_errors_pp: percentage of examples the last exit classifies correctly and this point does
             not (>= accuracy_drop_pp: the net drop minus the examples an early exit fixes).
+        bound_pp: with a calibration ``confidence``, the upper confidence bound (pp) of the budget's
+            measure (net drop or new errors) from held-out rows; ``None`` where none was computed.
+        certified: with a calibration ``confidence``, whether the fixed-sequence test accepted the point
+            (:mod:`adaexit.calibration.guarantee`); ``None`` without one.
         policy_object: the policy itself, for kinds that thresholds and gates do not describe (network
             selection's classifiers); :meth:`policy` returns a copy. Not part of :meth:`to_dict`.
     """
@@ -228,6 +254,8 @@ class OperatingPoint:
     speedup: float
     exit_counts: list[int] = field(default_factory=list)
     new_errors_pp: float = 0.0
+    bound_pp: float | None = None
+    certified: bool | None = None
     policy_object: Policy | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -103,7 +103,7 @@ class AdaptivePredictor:
                 return _logits(out), info.exit_index
             chunks = x.split(self.batch_size)
             parts = list(stream(self.model, chunks, batch_size=self.batch_size, return_info=True))
-            return torch.cat([_logits(out) for out, _ in parts]), torch.cat([exits for _, exits in parts])
+            return torch.cat([_logits(out) for out, _ in parts]), torch.cat([info.exit_index for _, info in parts])
 
 
 def _logits(out) -> torch.Tensor:

@@ -7,8 +7,11 @@ full (or whose oldest row has waited ``max_wait_ms``, so a lone request is never
 request's future as soon as all of its rows are done. Between node runs it sleeps on a condition variable
 until a request arrives, the oldest queued row's wait expires, or the server closes: no busy loop.
 
-A node that raises fails the futures of every request in flight at that moment (the error names the
-node); the worker then starts over with an empty scheduler and keeps serving later requests.
+A server survives its clients: a request that fails validation, or fails in a node, never changes what
+later requests may be. The rows' shape, dtype and device are the model's: learnt from the first request
+that *succeeds* (until then, requests of another row shape than those in flight wait for them to finish,
+so rows of different shapes never meet in a node). A node that raises fails only the requests whose rows
+it held (the error names the node); every other request in flight goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from .base import AdaptiveModel
 from .executor import num_rows
-from .stream import Scheduler
+from .stream import Scheduler, batch_info, prepare
 
 _SLACK_S = 1e-4  # wake a little after a deadline, so the scheduler sees it expired
 
@@ -34,6 +37,16 @@ class _Request:
     x: object
     n: int
     return_info: bool
+    spec: tuple | None  # (per-row shape, dtype, device) of a tensor request
+
+
+def row_spec(x) -> tuple | None:
+    """What rows of the same model must share: a tensor's per-row shape, dtype and device."""
+    return (tuple(x.shape[1:]), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
+
+
+def _describe(spec: tuple) -> str:
+    return f"{spec[0]} ({spec[1]}, {spec[2]})"
 
 
 class Server:
@@ -79,7 +92,8 @@ class Server:
         self._pending: deque[_Request] = deque()  # submitted, not yet admitted
         self._arrivals = 0  # requests submitted so far (the worker sleeps only when none came meanwhile)
         self._closed = False
-        self._row_spec = None  # (per-row shape, dtype, device) of the first tensor request
+        self._row_spec = None  # (per-row shape, dtype, device): from the first request that succeeded
+        self._flight_spec = None  # that of the requests in flight while the row spec is not known yet
         self._thread = threading.Thread(target=self._work, name="adaexit-server", daemon=True)
         self._thread.start()
 
@@ -89,26 +103,21 @@ class Server:
     # -- the client side --------------------------------------------------------------------------
     def submit(self, x, return_info: bool = False) -> Future:
         """Queue the rows ``x`` (a tensor ``[n, ...]``, or what ``model`` takes); return a future of
-        ``model(x)`` for them (``(output, exit_index)`` with ``return_info=True``). Thread-safe."""
-        try:
-            x = self.model.prepare_input(x)
-        except ValueError as err:
-            raise ValueError(f"Server.submit: x is not a valid input: {err}") from err
-        if isinstance(x, torch.Tensor):
-            spec = (tuple(x.shape[1:]), x.dtype, x.device)
-            with self._cond:
-                if self._row_spec is None:
-                    self._row_spec = spec
-            if spec != self._row_spec:
-                raise ValueError(
-                    f"Server.submit: x has rows of shape {spec[0]} ({spec[1]}, {spec[2]}); this server's requests "
-                    f"have rows of shape {self._row_spec[0]} ({self._row_spec[1]}, {self._row_spec[2]})"
-                )
+        ``model(x)`` for them (``(output, info)`` with ``return_info=True``, ``info`` the request's
+        :class:`~adaexit.ExitInfo`). Thread-safe. A request refused here changes nothing for later ones."""
+        x = prepare(self.model, x, "Server.submit: x")
+        spec = row_spec(x)
+        known = self._row_spec
+        if spec is not None and known is not None and spec != known:
+            raise ValueError(
+                f"Server.submit: x has rows of shape {_describe(spec)}; this model's rows (from its first "
+                f"successful request) have shape {_describe(known)}"
+            )
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("Server.submit: the server is closed")
-            self._pending.append(_Request(future, x, num_rows(x), bool(return_info)))
+            self._pending.append(_Request(future, x, num_rows(x), bool(return_info), spec))
             self._arrivals += 1
             self._cond.notify()
         return future
@@ -151,7 +160,7 @@ class Server:
                 try:
                     ran = self._scheduler.step(flush=ended, drain=blocked)
                     self._resolve()
-                except Exception as err:  # a node failed: fail what is in flight, start over
+                except Exception as err:  # a node failed: fail the requests whose rows it held
                     self._fail_in_flight(err)
                     continue
                 if ran or admitted:
@@ -166,10 +175,25 @@ class Server:
                     self._cond.wait(timeout)
 
     def _admit(self) -> bool:
-        """Admit pending requests while there is room (called with the lock held)."""
+        """Admit pending requests while there is room (called with the lock held). Until a request has
+        succeeded, one of another row shape than those in flight waits for them to finish."""
         admitted = False
         while self._pending and self._scheduler.can_admit(self._pending[0].n):
-            request = self._pending.popleft()
+            request = self._pending[0]
+            if request.spec is not None:
+                if self._row_spec is not None and request.spec != self._row_spec:  # learnt since submit
+                    self._pending.popleft()
+                    if request.future.set_running_or_notify_cancel():
+                        request.future.set_exception(ValueError(
+                            f"Server.submit: x has rows of shape {_describe(request.spec)}; this model's rows "
+                            f"(from its first successful request) have shape {_describe(self._row_spec)}"))
+                    continue
+                if self._row_spec is None:
+                    if self._scheduler.idle:
+                        self._flight_spec = None
+                    if self._flight_spec not in (None, request.spec):
+                        break  # wait for the requests in flight
+            self._pending.popleft()
             if not request.future.set_running_or_notify_cancel():
                 continue  # cancelled by its caller before it started
             try:
@@ -177,21 +201,39 @@ class Server:
             except Exception as err:
                 request.future.set_exception(err)
                 continue
+            if request.spec is not None and self._row_spec is None:
+                self._flight_spec = request.spec
             admitted = True
         if admitted:
             self._resolve()  # a request of 0 rows is done as soon as it is admitted
         return admitted
 
     def _resolve(self) -> None:
-        for request, logits, exits in self._scheduler.pop_done():
+        for request, logits, visits in self._scheduler.pop_done():
+            if request is None or request.future.done():
+                continue
+            if isinstance(logits, Exception):  # a node failed on some of its rows
+                error = type(logits)(f"Server: {str(logits).removeprefix('stream: ')}")
+                error.__cause__ = logits.__cause__
+                request.future.set_exception(error)
+                continue
             try:
                 out = self.model.finish_output(logits)
+                result = (out, batch_info(self.model, self._scheduler, request.x, visits)) if request.return_info else out
             except Exception as err:
                 request.future.set_exception(err)
                 continue
-            request.future.set_result((out, exits) if request.return_info else out)
+            if request.spec is not None and self._row_spec is None and request.n:
+                self._row_spec = request.spec  # the model ran rows of this shape: they are its rows
+            request.future.set_result(result)
 
     def _fail_in_flight(self, err: Exception) -> None:
+        """A node failed: the scheduler already failed the requests whose rows it held; they resolve (with
+        the error) once their other rows are out. Anything else (a bug in the scheduler): fail everything
+        in flight and start over."""
+        if getattr(err, "__cause__", None) is not None and any(b.error is err for b in self._scheduler.open):
+            self._resolve()
+            return
         failed = [batch.tag for batch in self._scheduler.open]
         self._scheduler = self._new_scheduler()
         kind = ValueError if isinstance(err, ValueError) else RuntimeError

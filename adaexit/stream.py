@@ -18,8 +18,8 @@ Scheduling rules (:class:`Scheduler`):
 * admit a new input batch only while the rows in flight stay within ``max_rows_in_flight`` (default
   ``4 * batch_size``; a batch larger than the bound is admitted alone), so memory stays bounded.
 
-Host synchronisation: as in one batch, one per decision point, plus one per node run with exits (how
-many rows of each input batch finished).
+Host synchronisation: one per decision point, as in one batch: the partition runs on route x input
+batch, so the same read says how many rows of each batch finished (a terminal node: one read of that).
 """
 
 from __future__ import annotations
@@ -31,30 +31,32 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .base import AdaptiveModel
-from .executor import SOURCE_KEY, merge, needs_source, num_rows, run_node, validate_graph
+from .base import AdaptiveModel, ExitInfo
+from .executor import ExecutionTrace, Packing, Part, merge, needs_source, num_rows, run_node, validate_graph
 from .kernels import gather_rows, scatter_rows
 from .kernels._dispatch import to_host
 
+MAX_NODES = 62  # a row's visited nodes are bits of one int64
+
 
 @dataclass
-class _Part:
-    """Rows waiting in a node's queue: ids, what the node reads, their state, when they arrived."""
+class _Queued:
+    """Rows waiting in a node's queue, and when the oldest of them arrived."""
 
-    rows: torch.Tensor
-    payload: object
-    state: dict
+    part: Part
     since: float
 
 
 @dataclass
 class _Batch:
-    """An admitted input batch: its row ids are ``start .. start + n - 1``."""
+    """An admitted input batch: its row ids are ``start .. start + n - 1``; ``number`` counts batches."""
 
     start: int
     n: int
     remaining: int
+    number: int
     tag: object = None
+    error: Exception | None = None  # a node failed on some of its rows: the batch fails
 
 
 @dataclass
@@ -72,15 +74,23 @@ class StreamStats:
 class Scheduler:
     """Queues of rows per graph node, run on full batches (see the module docstring).
 
+    Every row carries (packed in its :class:`~adaexit.executor.Part`'s ``meta``) its slot in the output
+    ring buffer, its input batch's number and the nodes it visited (bit ``k``: node ``k``); the partition
+    of a decision runs on route x input batch, so the decision's one host sync also tells how many rows
+    of each batch exited.
+
     Args:
         model: an :class:`~adaexit.AdaptiveModel` in ``eval()`` mode.
         batch_size: a node runs when its queue holds at least this many rows.
         max_wait_ms: also run a partial queue once one of its rows has waited this long.
         max_rows_in_flight: bound on admitted rows not yet returned (default ``4 * batch_size``).
+        track_visits: record the nodes each row visits (what :meth:`exit_trace` needs for an
+            :class:`~adaexit.ExitInfo`); without it, ``pop_done`` gives each row's exit index instead (two
+            ops fewer per node run).
     """
 
     def __init__(self, model: AdaptiveModel, batch_size: int, max_wait_ms: float | None = None,
-                 max_rows_in_flight: int | None = None):
+                 max_rows_in_flight: int | None = None, track_visits: bool = True):
         if not isinstance(model, AdaptiveModel):
             raise ValueError(f"stream: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
         if model.training:
@@ -96,14 +106,21 @@ class Scheduler:
         self.model = model
         self.nodes = model.graph()
         validate_graph(self.nodes)
+        if len(self.nodes) > MAX_NODES:
+            raise ValueError(f"stream: the model's graph has {len(self.nodes)} nodes; stream runs graphs of up "
+                             f"to {MAX_NODES}")
+        self.track_visits = bool(track_visits)
         self.max_wait = None if max_wait_ms is None else max_wait_ms / 1e3
         self.source = needs_source(self.nodes)
-        self.queues: list[deque[_Part]] = [deque() for _ in self.nodes]
+        self.queues: list[deque[_Queued]] = [deque() for _ in self.nodes]
         self.queued = [0] * len(self.nodes)
         self.open: deque[_Batch] = deque()
         self.next_id = 0
+        self.next_number = 0
+        self.packing: Packing | None = None
+        self.decides = [False] * len(self.nodes)  # whether node k's router made a decision
         self.logits: torch.Tensor | None = None  # ring buffer: row id r lives at slot r % capacity
-        self.exit_index: torch.Tensor | None = None
+        self.visits: torch.Tensor | None = None  # per slot: the nodes its row visited (bit k: node k)
         self.stats = StreamStats([0] * len(self.nodes), [0] * len(self.nodes))
 
     # -- admission ------------------------------------------------------------------------------
@@ -123,21 +140,29 @@ class Scheduler:
         n = num_rows(x)
         if not self.can_admit(n):
             raise RuntimeError("stream: admit() called with no room; run steps first")
-        if n > self.capacity:  # nothing is in flight: grow the ring buffer for this batch
-            self.capacity, self.logits, self.exit_index = n, None, None
-        self.open.append(_Batch(self.next_id, n, n, tag))
         if n:
             device = x.device
-            rows = torch.arange(self.next_id, self.next_id + n, device=device)
             state = dict(self.model.init_state(n, device))
-            if self.source:
-                state[SOURCE_KEY] = x
-            self._enqueue(0, _Part(rows, x, state, time.monotonic()))
+            packing = Packing.of(state, extra=2)
+            if self.packing is None:
+                self.packing = packing
+            elif packing != self.packing:
+                raise ValueError("stream: the policy's per-row state changed between batches")
+        if n > self.capacity:  # nothing is in flight: grow the ring buffer for this batch
+            self.capacity, self.logits, self.visits = n, None, None
+        self.open.append(_Batch(self.next_id, n, n, self.next_number, tag))
+        if n:
+            slots = torch.arange(self.next_id, self.next_id + n, device=device).remainder_(self.capacity)
+            head = torch.stack([slots, torch.full_like(slots, self.next_number), torch.zeros_like(slots)], dim=1)
+            loose = {key: state[key] for key in packing.loose}
+            part = Part(packing.pack(head, state), x, x if self.source else None, loose)
+            self._enqueue(0, _Queued(part, time.monotonic()))
         self.next_id += n
+        self.next_number += 1
 
-    def _enqueue(self, i: int, part: _Part) -> None:
-        self.queues[i].append(part)
-        self.queued[i] += part.rows.shape[0]
+    def _enqueue(self, i: int, queued: _Queued) -> None:
+        self.queues[i].append(queued)
+        self.queued[i] += len(queued.part)
 
     # -- running --------------------------------------------------------------------------------
     def next_node(self, flush: bool = False, drain: bool = False) -> int | None:
@@ -155,7 +180,7 @@ class Scheduler:
         if self.max_wait is not None:
             now = time.monotonic()
             for i in waiting:
-                if now - min(p.since for p in self.queues[i]) >= self.max_wait:
+                if now - self.queues[i][0].since >= self.max_wait:
                     return i
         return None
 
@@ -166,73 +191,104 @@ class Scheduler:
         if i is None:
             return False
         node = self.nodes[i]
-        parts = list(self.queues[i])
-        self.queues[i].clear()
+        queue = self.queues[i]
+        parts = [q.part for q in queue]
+        since = min(q.since for q in queue)  # rows keep their oldest arrival: max_wait bounds the whole wait
+        queue.clear()
         self.queued[i] = 0
-        rows, payload, state = merge([(p.rows, p.payload, p.state) for p in parts], node, i)
+        part = merge(parts, node, i)
+        if self.track_visits:
+            part.meta[:, 2].bitwise_or_(1 << i)  # (merge and gathers give this run its own meta)
+        base = self.open[0].number
         try:
-            result = run_node(self.nodes, i, rows, payload, state, self.model.route)
+            result = run_node(self.nodes, i, part, self.model.route, self.packing,
+                              groups=(base, self.next_number - base))
         except Exception as err:
             kind = ValueError if isinstance(err, ValueError) else RuntimeError
-            raise kind(f"stream: node {i} ({node.name}) failed on {rows.shape[0]} rows: {err}") from err
+            error = kind(f"stream: node {i} ({node.name}) failed on {len(part)} rows: {err}")
+            error.__cause__ = err
+            self._fail(part, error)
+            raise error from err
         self.stats.runs[i] += 1
-        self.stats.rows_run[i] += rows.shape[0]
-        for exit_rows, logits in result.exits:
-            self._write(i, exit_rows, logits)
-        since = min(p.since for p in parts)  # rows keep their oldest arrival: max_wait bounds the whole wait
-        for h in result.handoffs:
-            self._enqueue(h.target, _Part(h.rows, h.payload, h.state, since))
+        self.stats.rows_run[i] += len(part)
+        self.decides[i] = self.decides[i] or result.decided
+        for meta, logits in result.exits:
+            self._write(i, meta, logits, result.exit_groups)
+        for target, handoff in result.handoffs:
+            self._enqueue(target, _Queued(handoff, since))
         return True
+
+    def _fail(self, part: Part, error: Exception) -> None:
+        """The rows of ``part`` are lost: their batches fail (their other rows still run, and the batches
+        leave :meth:`pop_done` with ``error`` set, in order); other batches are untouched."""
+        base = self.open[0].number
+        lost = to_host(torch.bincount(part.meta[:, 1] - base, minlength=self.next_number - base))
+        for batch, count in zip(self.open, lost):
+            if count:
+                batch.remaining -= count
+                batch.error = batch.error or error
 
     def deadline(self) -> float | None:
         """The ``time.monotonic()`` at which a queued row will have waited ``max_wait_ms`` (``None``
         without ``max_wait_ms`` or with nothing queued): when a caller waiting for input should step."""
         if self.max_wait is None:
             return None
-        oldest = [p.since for q in self.queues for p in q]
+        oldest = [q[0].since for q in self.queues if q]
         return min(oldest) + self.max_wait if oldest else None
 
-    def _write(self, i: int, rows: torch.Tensor, logits: torch.Tensor) -> None:
+    def _write(self, i: int, meta: torch.Tensor, logits: torch.Tensor, groups: list[int]) -> None:
         if self.logits is None:
             self.logits = torch.empty((self.capacity, logits.shape[1]), dtype=logits.dtype, device=logits.device)
-            self.exit_index = torch.full((self.capacity,), -1, dtype=torch.long, device=logits.device)
+            self.visits = torch.zeros(self.capacity, dtype=torch.long, device=logits.device)
         elif logits.shape[1] != self.logits.shape[1]:
             raise ValueError(
                 f"stream: node {i} ({self.nodes[i].name}) predicts {logits.shape[1]} classes, an earlier exit "
                 f"predicted {self.logits.shape[1]}"
             )
-        slots = rows % self.capacity
-        scatter_rows(self.logits, slots, logits.to(self.logits.dtype))
-        self.exit_index.index_fill_(0, slots, i)
-        # how many rows of each unfinished batch finished here: free when only one batch has rows in
-        # flight, else one host read
-        pending = [b for b in self.open if b.remaining]
-        if len(pending) == 1:
-            pending[0].remaining -= rows.shape[0]
-            return
-        starts = torch.tensor([b.start for b in pending], device=rows.device)
-        which = torch.searchsorted(starts, rows, right=True) - 1
-        for batch, done in zip(pending, to_host(torch.bincount(which, minlength=len(pending)))):
+        slots = meta[:, 0].contiguous()  # (the kernels read index tensors densely)
+        scatter_rows(self.logits, slots, logits if logits.dtype == self.logits.dtype else logits.to(self.logits.dtype))
+        if self.track_visits:
+            self.visits.index_copy_(0, slots, meta[:, 2])
+        else:
+            self.visits.index_fill_(0, slots, i)
+        for batch, done in zip(self.open, groups):  # groups: exits per open batch, in order
             batch.remaining -= done
 
     def pop_done(self) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
-        """``(tag, logits, exit_index)`` of each finished batch at the front, in input order."""
+        """``(tag, logits, visits)`` of each finished batch at the front, in input order (``visits``: per
+        row, the nodes it ran, bit ``k`` for node ``k``, which :func:`exit_trace` reads; without
+        ``track_visits``, the exit index). A batch a node failed on comes out as ``(tag, error, None)``."""
         dtype = self.model.output_dtype()
         while self.open and self.open[0].remaining == 0:
             batch = self.open.popleft()
+            if batch.error is not None:
+                yield batch.tag, batch.error, None
+                continue
             if batch.n == 0:
                 classes = self.logits.shape[1] if self.logits is not None else self._classes()
                 device = self.logits.device if self.logits is not None else torch.device("cpu")
                 logits = torch.empty((0, classes), device=device)
-                exits = torch.empty(0, dtype=torch.long, device=device)
+                visits = torch.empty(0, dtype=torch.long, device=device)
             elif batch.start % self.capacity + batch.n <= self.capacity:  # contiguous in the ring: a copy
                 first = batch.start % self.capacity
                 logits = self.logits[first : first + batch.n].clone()
-                exits = self.exit_index[first : first + batch.n].clone()
+                visits = self.visits[first : first + batch.n].clone()
             else:  # wraps around the ring's end
                 slots = torch.arange(batch.start, batch.start + batch.n, device=self.logits.device) % self.capacity
-                logits, exits = gather_rows(self.logits, slots), gather_rows(self.exit_index, slots)
-            yield batch.tag, (logits if dtype is None else logits.to(dtype)), exits
+                logits, visits = gather_rows(self.logits, slots), gather_rows(self.visits, slots)
+            yield batch.tag, (logits if dtype is None or logits.dtype == dtype else logits.to(dtype)), visits
+
+    def exit_trace(self, visits: torch.Tensor) -> ExecutionTrace:
+        """The :class:`~adaexit.executor.ExecutionTrace` of one batch from its rows' visited nodes (one
+        host sync): the exit is the last node a row visited (routes only go forward)."""
+        k = len(self.nodes)
+        bits = (visits[:, None] >> torch.arange(k, device=visits.device)) & 1
+        # the highest set bit: the last node visited
+        exit_index = (bits * torch.arange(1, k + 1, device=visits.device)).amax(dim=1) - 1 if k else visits
+        exit_counts = torch.bincount(exit_index, minlength=k)
+        rows_run, exit_counts = to_host(torch.stack([bits.sum(dim=0), exit_counts]))
+        rows_decided = [r if d else 0 for r, d in zip(rows_run, self.decides)]
+        return ExecutionTrace(exit_index, exit_counts, rows_run, rows_decided)
 
     def _classes(self) -> int:
         return getattr(self.nodes[-1].head, "num_classes", 0) or 0
@@ -256,12 +312,14 @@ def stream(
 
     Args:
         model: an :class:`~adaexit.AdaptiveModel` in ``eval()`` mode.
-        batches: input batches, as ``model`` takes them (tensors; any number of rows, 0 included).
+        batches: input batches, as ``model`` takes them (tensors; any number of rows, 0 included). For a
+            DataLoader of ``(inputs, labels)`` pass the inputs: ``(x for x, _ in loader)``.
         batch_size: rows per node run (default: the first batch's size).
         max_wait_ms: run a partial queue once a row has waited this long (checked between node runs;
             for requests arriving in real time use :class:`adaexit.Server`).
         max_rows_in_flight: bound on rows admitted and not yet yielded (default ``4 * batch_size``).
-        return_info: yield ``(output, exit_index)`` instead of the output.
+        return_info: yield ``(output, info)``, ``info`` the batch's :class:`~adaexit.ExitInfo` as
+            ``model(batch, return_info=True)`` gives it.
 
     Yields what ``model(batch)`` returns, one per input batch. A failing node raises an error naming it;
     batches not finished by then are not yielded.
@@ -270,16 +328,16 @@ def stream(
         raise ValueError(f"stream: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
     scheduler = None
     with torch.inference_mode():
-        for x in batches:
-            x = model.prepare_input(x)
+        for index, x in enumerate(batches):
+            x = prepare(model, x, f"stream: batch {index}")
             n = num_rows(x)
             if scheduler is None:
                 size = batch_size if batch_size is not None else max(1, n)
-                scheduler = Scheduler(model, size, max_wait_ms, max_rows_in_flight)
+                scheduler = Scheduler(model, size, max_wait_ms, max_rows_in_flight, track_visits=return_info)
             while not scheduler.can_admit(n):
                 scheduler.step(drain=True)
                 yield from _outputs(model, scheduler, return_info)
-            scheduler.admit(x)
+            scheduler.admit(x, tag=x if return_info else None)
             while scheduler.step():
                 yield from _outputs(model, scheduler, return_info)
             yield from _outputs(model, scheduler, return_info)
@@ -289,10 +347,40 @@ def stream(
             yield from _outputs(model, scheduler, return_info)
 
 
+def prepare(model: AdaptiveModel, x, where: str):
+    """``model.prepare_input(x)``, with a message that says what to do when ``x`` is an ``(inputs,
+    labels)`` pair (a DataLoader's batch)."""
+    try:
+        return model.prepare_input(x)
+    except ValueError as err:
+        if isinstance(x, (tuple, list)) and len(x) == 2:
+            raise ValueError(
+                f"{where} is a {type(x).__name__} of 2 items, like a DataLoader's (inputs, labels): pass the inputs "
+                "only, e.g. stream(model, (x for x, _ in loader))"
+            ) from err
+        raise ValueError(f"{where} is not a valid input: {err}") from err
+
+
+def batch_info(model: AdaptiveModel, scheduler: Scheduler, x, visits: torch.Tensor):
+    """The :class:`~adaexit.ExitInfo` of one streamed batch ``x`` (one host sync). A model whose nodes, not an
+    exit policy, carry the costs (a D2NN: ``node_flops`` / ``max_path_flops``) gets them from its nodes."""
+    trace = scheduler.exit_trace(visits)
+    node_flops = getattr(model, "node_flops", None)
+    if node_flops is None or not num_rows(x):
+        return model.exit_info(x, trace)
+    flops = [float(f) for f in node_flops(x)]
+    k = len(flops)
+    bits = ((visits[:, None] >> torch.arange(k, device=visits.device)) & 1).double()
+    return ExitInfo(trace.exit_index, trace.exit_counts, trace.rows_run, trace.rows_decided,
+                    float(sum(r * f for r, f in zip(trace.rows_run, flops))),
+                    float(num_rows(x) * model.max_path_flops(x)), model.node_names,
+                    flops_per_row=bits @ torch.tensor(flops, dtype=torch.float64, device=visits.device))
+
+
 def _outputs(model: AdaptiveModel, scheduler: Scheduler, return_info: bool):
-    for _, logits, exits in scheduler.pop_done():
+    for x, logits, visits in scheduler.pop_done():
         out = model.finish_output(logits)
-        yield (out, exits) if return_info else out
+        yield (out, batch_info(model, scheduler, x, visits)) if return_info else out
 
 
-__all__ = ["Scheduler", "StreamStats", "stream"]
+__all__ = ["Scheduler", "StreamStats", "batch_info", "prepare", "stream"]

@@ -6,8 +6,9 @@ collects them with the default ``python_functions``). The adaexit ops dispatch a
 the torch reference on CPU, the Triton kernels on CUDA (``ADAEXIT_BENCH_DEVICE=cuda`` or a visible GPU).
 
 Workload: N in {256, 4096} rows of D = 512 fp32 features, about half of them kept.
-Bytes-moved model (stated, used for GB/s): read the kept rows + write the kept rows + index bytes
-(``2 * k * D * 4 + 8 * k``); ``partition`` moves ``N * sizeof(route) + 8 * N``.
+Bytes moved (for GB/s): each op's one model, ``adaexit.kernels.ops.<op>.bytes_moved`` (the kept rows read
+and written once plus the index for gather / scatter; routes, histograms and ``order`` for partition; compact's
+partition + gather), the same for an op and the baselines of its group.
 ``--benchmark-disable`` runs each once, as a smoke test.
 Set ``ADAEXIT_BENCH_THREADS=1`` on a busy CPU machine (OpenMP workers waiting for a core dominate otherwise).
 ``extra_info`` holds: device name, bytes moved, GB/s at the median, and the speedup over the baseline of the
@@ -24,6 +25,10 @@ import torch
 
 from adaexit.cost import device_name, interleaved_times, sync
 from adaexit.kernels import compact, gather_rows, partition, scatter_rows
+from adaexit.kernels.ops import compact as compact_op
+from adaexit.kernels.ops import gather_rows as gather_op
+from adaexit.kernels.ops import partition as partition_op
+from adaexit.kernels.ops import scatter_rows as scatter_op
 from bench import describe_machine, machine, median
 
 D = 512
@@ -58,8 +63,9 @@ def workload(n: int):
     return x, keep, kept_index
 
 
-def compact_bytes(k: int) -> int:
-    return 2 * k * D * 4 + 8 * k
+def compact_bytes(keep, x, capacity=None) -> int:
+    """The bytes-moved model of ``compact(keep, x, capacity=capacity)`` (the op's own)."""
+    return compact_op.bytes_moved(keep, x, kept=int(keep.sum()), capacity=capacity)
 
 
 # ---------------------------------------------------------------- baselines (what public code does)
@@ -78,7 +84,7 @@ def baseline_boolean_mask(keep, x):
 def test_compact_adaexit(benchmark, n):
     x, keep, kept_index = workload(n)
     baseline = lambda: baseline_nonzero_index_select(keep, x)  # noqa: E731
-    measure(benchmark, compact_bytes(kept_index.numel()), lambda: compact(keep, x), baseline)
+    measure(benchmark, compact_bytes(keep, x), lambda: compact(keep, x), baseline)
 
 
 @pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
@@ -86,14 +92,14 @@ def test_compact_adaexit(benchmark, n):
 def test_compact_adaexit_static_capacity(benchmark, n):
     x, keep, kept_index = workload(n)
     baseline = lambda: baseline_nonzero_index_select(keep, x)  # noqa: E731
-    measure(benchmark, compact_bytes(n // 2), lambda: compact(keep, x, capacity=n // 2), baseline)
+    measure(benchmark, compact_bytes(keep, x, n // 2), lambda: compact(keep, x, capacity=n // 2), baseline)
 
 
 @pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
 @pytest.mark.parametrize("n", SIZES)
 def test_compact_baseline_nonzero_index_select(benchmark, n):
     x, keep, kept_index = workload(n)
-    measure(benchmark, compact_bytes(kept_index.numel()), lambda: baseline_nonzero_index_select(keep, x))
+    measure(benchmark, compact_bytes(keep, x), lambda: baseline_nonzero_index_select(keep, x))
 
 
 @pytest.mark.benchmark(group="compact", max_time=0.2, min_rounds=10)
@@ -101,7 +107,7 @@ def test_compact_baseline_nonzero_index_select(benchmark, n):
 def test_compact_baseline_boolean_mask(benchmark, n):
     x, keep, kept_index = workload(n)
     baseline = lambda: baseline_nonzero_index_select(keep, x)  # noqa: E731
-    measure(benchmark, compact_bytes(kept_index.numel()), lambda: baseline_boolean_mask(keep, x), baseline)
+    measure(benchmark, compact_bytes(keep, x), lambda: baseline_boolean_mask(keep, x), baseline)
 
 
 # ---------------------------------------------------------------- gather / scatter
@@ -110,14 +116,14 @@ def test_compact_baseline_boolean_mask(benchmark, n):
 def test_gather_rows_adaexit(benchmark, n):
     x, keep, kept_index = workload(n)
     baseline = lambda: x.index_select(0, kept_index)  # noqa: E731
-    measure(benchmark, compact_bytes(kept_index.numel()), lambda: gather_rows(x, kept_index), baseline)
+    measure(benchmark, gather_op.bytes_moved(x, kept_index), lambda: gather_rows(x, kept_index), baseline)
 
 
 @pytest.mark.benchmark(group="gather_rows", max_time=0.2, min_rounds=10)
 @pytest.mark.parametrize("n", SIZES)
 def test_gather_rows_baseline_index_select(benchmark, n):
     x, keep, kept_index = workload(n)
-    measure(benchmark, compact_bytes(kept_index.numel()), lambda: x.index_select(0, kept_index))
+    measure(benchmark, gather_op.bytes_moved(x, kept_index), lambda: x.index_select(0, kept_index))
 
 
 @pytest.mark.benchmark(group="scatter_rows", max_time=0.2, min_rounds=10)
@@ -130,7 +136,7 @@ def test_scatter_rows_adaexit(benchmark, n):
     def baseline():
         out[kept_index] = src
 
-    measure(benchmark, compact_bytes(kept_index.numel()), lambda: scatter_rows(out, kept_index, src), baseline)
+    measure(benchmark, scatter_op.bytes_moved(src, kept_index), lambda: scatter_rows(out, kept_index, src), baseline)
 
 
 @pytest.mark.benchmark(group="scatter_rows", max_time=0.2, min_rounds=10)
@@ -143,7 +149,7 @@ def test_scatter_rows_baseline_index_put(benchmark, n):
     def baseline():
         out[kept_index] = src
 
-    measure(benchmark, compact_bytes(kept_index.numel()), baseline)
+    measure(benchmark, scatter_op.bytes_moved(src, kept_index), baseline)
 
 
 # ---------------------------------------------------------------- partition
@@ -152,7 +158,7 @@ def test_scatter_rows_baseline_index_put(benchmark, n):
 def test_partition_adaexit(benchmark, n):
     x, keep, kept_index = workload(n)
     route = (~keep).to(torch.int64)
-    measure(benchmark, n * 8 + n * 8, lambda: partition(route, 2), lambda: torch.sort(route, stable=True))
+    measure(benchmark, partition_op.bytes_moved(route, 2), lambda: partition(route, 2), lambda: torch.sort(route, stable=True))
 
 
 @pytest.mark.benchmark(group="partition", max_time=0.2, min_rounds=10)
@@ -160,4 +166,4 @@ def test_partition_adaexit(benchmark, n):
 def test_partition_baseline_stable_sort(benchmark, n):
     x, keep, kept_index = workload(n)
     route = (~keep).to(torch.int64)
-    measure(benchmark, n * 8 + n * 8, lambda: torch.sort(route, stable=True))
+    measure(benchmark, partition_op.bytes_moved(route, 2), lambda: torch.sort(route, stable=True))

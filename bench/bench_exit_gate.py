@@ -6,12 +6,9 @@ get it: the torch reference on CPU, the Triton kernel on CUDA. The baseline is t
 user would write (pool, ``F.linear``, ``softmax``, ``max``, compare), built on :func:`exit_gate_torch`'s
 own pooling/linear semantics so it cannot drift.
 
-Each result's ``extra_info`` carries the device name, the dtype, the bytes moved under this model
-
-    read  h (N*C*S*h.element_size()) + weight (K*D*w.element_size()) + bias (K*4)
-    write logits (N*K*4) + score (N*4) + exit_mask (N)
-
-and the GB/s that median time implies, plus (for ``exit_gate``) the speedup over the baseline measured
+Each result's ``extra_info`` carries the device name, the dtype, the bytes moved under the op's one model
+(:func:`adaexit.kernels.ops.exit_gate.bytes_moved`: read h, weight, bias once; write fp32 logits, fp32 score
+and the mask) and the GB/s that median time implies, plus (for ``exit_gate``) the speedup over the baseline measured
 in the same run. GPU numbers exist only when this is run on a GPU.
 """
 
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 
 from adaexit.cost import device_name, sync
 from adaexit.kernels import exit_gate
+from adaexit.kernels.ops.exit_gate import bytes_moved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -44,11 +42,6 @@ def unfused_exit_head(h, weight, bias, threshold):
     logits = F.linear(x, weight.float(), bias.float())
     score = torch.softmax(logits, dim=1).max(dim=1).values
     return logits, score, score >= threshold
-
-
-def _bytes_moved(h, weight, K):
-    N = h.shape[0]
-    return h.numel() * h.element_size() + weight.numel() * weight.element_size() + K * 4 + N * K * 4 + N * 4 + N
 
 
 @pytest.mark.parametrize("impl", ["torch_unfused", "exit_gate"])  # baseline first: speedup needs it
@@ -79,7 +72,7 @@ def test_bench_exit_gate(benchmark, case, impl):
     if benchmark.disabled:  # --benchmark-disable: one call as a smoke test, nothing timed
         return
     median = benchmark.stats.stats.median
-    nbytes = _bytes_moved(h, weight, K)
+    nbytes = bytes_moved(h, weight, bias)
     benchmark.extra_info.update(
         device=DEVICE_NAME,
         backend="triton" if DEVICE == "cuda" else "torch reference",
@@ -87,7 +80,7 @@ def test_bench_exit_gate(benchmark, case, impl):
         shape=list(shape),
         classes=K,
         bytes_moved=nbytes,
-        bytes_model="read h + weight + bias; write logits fp32 + score fp32 + mask u8",
+        bytes_model=" ".join(bytes_moved.__doc__.split()),
         median_ms=median * 1e3,
         gbps=nbytes / median / 1e9,
     )

@@ -22,8 +22,8 @@ half of the rows still running exit at each exit (time is about proportional to 
 (:func:`bench.end_to_end.demo_systems`), otherwise fresh UNTRAINED models of the demo's architectures with
 thresholds set to fixed exit fractions (the output says which).
 
-Targets (issue 12): stream >= 0.9 x the measured-work ideal at request batch 8 to 256; on the chain,
->= 0.85 x the FLOPs ideal at batch 64.
+Targets (issues 12, 19): stream >= 0.9 x the measured-work ideal at request batch 8 to 256; on the chain,
+>= 0.8 x the FLOPs ideal at batch 64.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ SYSTEMS = ("chain", "early_exit", "cascade", "combination")
 CHAIN_FRACTIONS = (0.5, 0.25, 0.125)  # half of the rows still running exit at each exit
 COMBINATION_FRACTIONS = (0.5, 0.25, 0.1, 0.05)  # fresh combination: MLP, small CNN, the wide CNN's exits
 TARGET_WORK_RATIO = 0.9
-TARGET_CHAIN_FLOPS_RATIO = 0.85
+TARGET_CHAIN_FLOPS_RATIO = 0.8  # issue 19 (held-out chain, batch 64)
 #: default and --quick settings: most rows per pass, fewest rows, request batches per pass, seconds per cell
 DEFAULTS = {"rows": 4096, "min_rows": 512, "batches": 16, "cell_seconds": 3.0, "chain_width": 1024}
 QUICK = {"rows": 1024, "min_rows": 128, "batches": 8, "cell_seconds": 1.0, "chain_width": 512}

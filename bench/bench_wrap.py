@@ -100,15 +100,17 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> bool:
     return bool(norms)
 
 
-def setup(name: str, batch: int, px: int, quick: bool = False, seed: int = 0) -> dict:
+def setup(name: str, batch: int, px: int, quick: bool = False, seed: int = 0, device="cpu") -> dict:
     """The wrapped model (exits at ~1/3 and ~2/3 of the FLOPs, thresholds for 50% / 25% / 25%), the inputs,
-    the strategies and what the sparse run did."""
+    the strategies and what the sparse run did; built on the CPU, then run on ``device`` (bench.gpu_check:
+    cuda)."""
     model, what = build_model(name, px, quick, seed)
     x = torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(seed))
     cuts = candidate_exits(model, x[:1], split_large=0.25)
     exits = pick_exits(cuts)
     fractions = {c.name: c.flops_fraction for c in cuts}
-    wrapped = adaexit.wrap(model, exits=exits, example_input=x[:1]).eval()
+    wrapped = adaexit.wrap(model, exits=exits, example_input=x[:1]).eval().to(device)
+    x = x.to(device)
     wrapped.set_policy(policy_for_fractions(wrapped, x, FRACTIONS))
     with torch.inference_mode():
         _, info = wrapped(x, return_info=True)
@@ -120,10 +122,10 @@ def setup(name: str, batch: int, px: int, quick: bool = False, seed: int = 0) ->
     }
 
 
-def measure(name: str, batch: int, px: int, repeats: int, quick: bool = False) -> dict:
+def measure(name: str, batch: int, px: int, repeats: int, quick: bool = False, device="cpu") -> dict:
     """One (model, batch) cell: the strategies timed interleaved; medians, speedups over plain, the FLOPs ideal."""
-    cell = setup(name, batch, px, quick)
-    times = interleaved_times(cell["calls"], repeats=repeats, warmup=1)
+    cell = setup(name, batch, px, quick, device=device)
+    times = interleaved_times(cell["calls"], repeats=repeats, warmup=1, device=device)
     ms = {s: median(times[s]) for s in STRATEGIES}
     info = cell["info"]
     speedup = {s: ms["plain"] / ms[s] for s in STRATEGIES}

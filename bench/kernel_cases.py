@@ -2,10 +2,9 @@
 (``bench/gpu_check.py``): the kit sweeps on a GPU what the tests sweep through the interpreter, from the
 same lists, so neither can drift from the other.
 
-Every maker takes a ``device`` (default ``"cpu"``, what the tests use). Random values are drawn on the
-CPU and then moved, so a case holds the same numbers on every device; views (slices, ``h[:, 0]``,
-channels_last, expand) are taken *after* the move, so the device tensor has the layout under test
-(``Tensor.to`` would make a sliced view contiguous).
+Every maker takes a ``device`` (default ``None``: torch's default device, which the test suite's
+``--device cuda`` sets to CUDA). Views (slices, ``h[:, 0]``, channels_last, expand) are taken *after* any
+move, so the device tensor has the layout under test (``Tensor.to`` would make a sliced view contiguous).
 
 Also here: :func:`check_exit_gate`, the exit gate's comparison rule (kernel vs reference), used by
 ``tests/test_exit_gate.py`` and the kit alike, and a copy of the tolerance table of ``tests/conftest.py``
@@ -68,11 +67,11 @@ EXIT_GATE_SPATIAL = [
 
 #: name -> maker(device) of a strided 2-D ``h`` with 40 features.
 EXIT_GATE_STRIDED = {
-    "cls_token": lambda device="cpu": torch.randn(11, 9, 40).to(device)[:, 0],  # CLS token of [N, L, D]
-    "transposed": lambda device="cpu": torch.randn(40, 11).to(device).t(),
-    "sliced_cols": lambda device="cpu": torch.randn(11, 80).to(device)[:, ::2],
-    "sliced_rows": lambda device="cpu": torch.randn(30, 40).to(device)[3:25:2],
-    "expanded": lambda device="cpu": torch.randn(1, 40).to(device).expand(11, 40),  # stride 0
+    "cls_token": lambda device=None: torch.randn(11, 9, 40).to(device)[:, 0],  # CLS token of [N, L, D]
+    "transposed": lambda device=None: torch.randn(40, 11).to(device).t(),
+    "sliced_cols": lambda device=None: torch.randn(11, 80).to(device)[:, ::2],
+    "sliced_rows": lambda device=None: torch.randn(30, 40).to(device)[3:25:2],
+    "expanded": lambda device=None: torch.randn(1, 40).to(device).expand(11, 40),  # stride 0
 }
 
 #: ``h`` shapes for ``weight=None`` (``h`` holds the logits): 2D, 2D over several class tiles, spatial.
@@ -88,7 +87,7 @@ def gate_for(criterion: str):
     return GATE if criterion == "learned" else None
 
 
-def nonfinite_h(shape, device="cpu") -> torch.Tensor:
+def nonfinite_h(shape, device=None) -> torch.Tensor:
     """Random ``h`` with a NaN in row 1, +Inf in row 4 and -Inf in row 6 (:data:`NONFINITE_ROWS`)."""
     h = torch.randn(shape)
     h[1].view(-1)[3] = float("nan")
@@ -180,7 +179,7 @@ ROUTE_DTYPES = [torch.int32, torch.uint8, torch.int16, torch.bool]
 TINY_PARTITION_BLOCKS = {"_SINGLE_BLOCK": 16, "_BLOCK": 16, "_SCAN_BLOCK": 4}
 
 
-def make_route(n: int, r: int, pattern: str, dtype=torch.int64, device="cpu") -> torch.Tensor:
+def make_route(n: int, r: int, pattern: str, dtype=torch.int64, device=None) -> torch.Tensor:
     if pattern == "random":
         route = torch.randint(0, r, (n,))
     elif pattern == "all_last":
@@ -218,48 +217,48 @@ def partition_blocks(blocks: dict | None):
 ROW_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 
 
-def rand(shape, dtype, device="cpu") -> torch.Tensor:
+def rand(shape, dtype, device=None) -> torch.Tensor:
     """Values that survive the cast to any dtype (bf16 too: copies move bits, no arithmetic involved)."""
     if dtype == torch.bool:
         return (torch.rand(shape) < 0.5).to(device)
     return (torch.randn(shape) * 100).to(dtype).to(device)
 
 
-#: name -> (maker(M, dtype, device="cpu") of a source ``[M, ...]`` with the layout under test, rows dense in
+#: name -> (maker(M, dtype, device=None) of a source ``[M, ...]`` with the layout under test, rows dense in
 #: memory?)
 LAYOUTS = {
-    "1d": (lambda m, dt, device="cpu": rand((m,), dt, device), True),
-    "row5": (lambda m, dt, device="cpu": rand((m, 5), dt, device), True),
-    "row345": (lambda m, dt, device="cpu": rand((m, 3, 4, 5), dt, device), True),
+    "1d": (lambda m, dt, device=None: rand((m,), dt, device), True),
+    "row5": (lambda m, dt, device=None: rand((m, 5), dt, device), True),
+    "row345": (lambda m, dt, device=None: rand((m, 3, 4, 5), dt, device), True),
     "channels_last": (
-        lambda m, dt, device="cpu": rand((m, 3, 4, 5), dt, device).to(memory_format=torch.channels_last),
+        lambda m, dt, device=None: rand((m, 3, 4, 5), dt, device).to(memory_format=torch.channels_last),
         True,
     ),
-    "transposed": (lambda m, dt, device="cpu": rand((m, 5, 4), dt, device).transpose(1, 2), True),
+    "transposed": (lambda m, dt, device=None: rand((m, 5, 4), dt, device).transpose(1, 2), True),
     # h[:, 0]: dense rows, row stride 30
-    "cls_token": (lambda m, dt, device="cpu": rand((m, 6, 5), dt, device)[:, 0], True),
-    "sliced_last": (lambda m, dt, device="cpu": rand((m, 4, 8), dt, device)[..., :5], False),
-    "stepped": (lambda m, dt, device="cpu": rand((m, 3, 6, 5), dt, device)[:, :, ::2, 1:], False),
+    "cls_token": (lambda m, dt, device=None: rand((m, 6, 5), dt, device)[:, 0], True),
+    "sliced_last": (lambda m, dt, device=None: rand((m, 4, 8), dt, device)[..., :5], False),
+    "stepped": (lambda m, dt, device=None: rand((m, 3, 6, 5), dt, device)[:, :, ::2, 1:], False),
     "channels_last_sliced": (
-        lambda m, dt, device="cpu": rand((m, 4, 3, 5), dt, device).to(memory_format=torch.channels_last)[:, :2],
+        lambda m, dt, device=None: rand((m, 4, 3, 5), dt, device).to(memory_format=torch.channels_last)[:, :2],
         False,
     ),
-    "expanded": (lambda m, dt, device="cpu": rand((m, 1, 5), dt, device).expand(m, 4, 5), False),
+    "expanded": (lambda m, dt, device=None: rand((m, 1, 5), dt, device).expand(m, 4, 5), False),
     # more than 3 strided dims: the .contiguous() fallback
     "four_strided_dims": (
-        lambda m, dt, device="cpu": rand((m, 4, 4, 4, 4), dt, device)[:, ::2, ::2, ::2, ::2],
+        lambda m, dt, device=None: rand((m, 4, 4, 4, 4), dt, device)[:, ::2, ::2, ::2, ::2],
         False,
     ),
-    "wide": (lambda m, dt, device="cpu": rand((m, 1500), dt, device), True),  # > one column chunk for fp32
+    "wide": (lambda m, dt, device=None: rand((m, 1500), dt, device), True),  # > one column chunk for fp32
 }
 
-#: name -> maker(M, device="cpu") of an int64 row index into M rows.
+#: name -> maker(M, device=None) of an int64 row index into M rows.
 INDEX_PATTERNS = {
-    "empty": lambda m, device="cpu": torch.zeros(0, dtype=torch.int64, device=device),
-    "single": lambda m, device="cpu": torch.tensor([m - 1], device=device),
-    "reversed": lambda m, device="cpu": torch.arange(m - 1, -1, -1, device=device),
-    "random_repeats": lambda m, device="cpu": torch.randint(0, m, (2 * m + 1,)).to(device),
-    "every_other": lambda m, device="cpu": torch.arange(0, m, 2, device=device),
+    "empty": lambda m, device=None: torch.zeros(0, dtype=torch.int64, device=device),
+    "single": lambda m, device=None: torch.tensor([m - 1], device=device),
+    "reversed": lambda m, device=None: torch.arange(m - 1, -1, -1, device=device),
+    "random_repeats": lambda m, device=None: torch.randint(0, m, (2 * m + 1,)).to(device),
+    "every_other": lambda m, device=None: torch.arange(0, m, 2, device=device),
 }
 
 #: (out layout, src layout) pairs for scatter_rows.
@@ -285,7 +284,7 @@ SCATTER_INDEX_PATTERNS = ["empty", "single", "reversed", "every_other"]
 MANY_ROW_BLOCK_SHAPES = [(1200,), (700, 5), (70, 3, 4, 5)]
 
 
-def scatter_case(out_layout: str, src_layout: str, m: int, index: torch.Tensor, dtype=torch.float32, device="cpu"):
+def scatter_case(out_layout: str, src_layout: str, m: int, index: torch.Tensor, dtype=torch.float32, device=None):
     """``(out, src)`` for ``scatter_rows(out, index, src)`` with the given layouts."""
     n = index.numel()
     out = LAYOUTS[out_layout][0](m, dtype, device)
@@ -300,7 +299,7 @@ COMPACT_SIZES = [0, 1, 7, 33, 300]
 KEEP_PATTERNS = ["random", "all", "none", "alternating", "all_but_one", "only_one"]
 
 
-def make_keep(n: int, pattern: str, device="cpu") -> torch.Tensor:
+def make_keep(n: int, pattern: str, device=None) -> torch.Tensor:
     i = torch.arange(n)
     keep = {
         "random": torch.rand(n) < 0.5,  # drawn for every pattern, as the tests always have
@@ -313,7 +312,7 @@ def make_keep(n: int, pattern: str, device="cpu") -> torch.Tensor:
     return keep.to(device)
 
 
-def make_tensors(n: int, device="cpu") -> list:
+def make_tensors(n: int, device=None) -> list:
     """Per-example tensors that travel with a batch: activations, ids, masks, fp16 features, images."""
     return [
         torch.randn(n, 5).to(device),

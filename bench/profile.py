@@ -12,11 +12,12 @@ the same code path is timed with ``time.perf_counter``. Reported:
   decision points that ran (the executor promises one sync per decision point, none elsewhere);
 * compaction bandwidth: :func:`adaexit.kernels.compact` of the first decision point's surviving rows
   (with its one sync, and the static-capacity variant with none) against a device-to-device
-  ``dst.copy_(src)`` of the same bytes. Bytes-moved model: the kept rows are read once and written
-  once (``2 * kept * row_bytes``); the index and mask traffic is left out (under 1% here).
+  ``dst.copy_(src)`` of the same bytes, under compact's one bytes-moved model
+  (:func:`adaexit.kernels.ops.compact.bytes_moved`).
 
-Regions are found without touching the executor: the kernels' entry points in ``adaexit.executor`` and
-``adaexit.heads`` are wrapped for the duration of the run, and forward hooks time the node modules.
+Regions are found without touching the library: forward hooks time the node modules, and the kernels come
+from a ``torch.profiler`` trace of the same forwards (every kernel is a torch op: ``adaexit::<op>``; host syncs
+are ``adaexit::to_host``). The profiler's own overhead is inside the times.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import torch
 
 import adaexit.executor as _executor
 from adaexit.base import AdaptiveModel
-import adaexit.heads as _heads
 from adaexit.kernels import compact
 from adaexit.kernels._dispatch import host_sync_count
+from adaexit.kernels.ops.compact import bytes_moved as compact_bytes
 
 from . import (
     EARLY_EXIT_MODELS,
@@ -144,49 +145,20 @@ def make_timer(device: torch.device | str) -> Timer:
 # ----------------------------------------------------------------------------------------------------
 # Instrumentation
 
-KERNELS = ("exit_gate", "partition", "gather_rows", "scatter_rows")
-_PATCH_SITES = (
-    (_heads, "exit_gate"),
-    (_executor, "partition"),
-    (_executor, "gather_rows"),
-    (_executor, "scatter_rows"),
-)
+KERNELS = ("exit_gate", "partition", "gather_rows", "scatter_rows", "compact")
 
 
 @contextlib.contextmanager
 def instrument(model, timer: Timer, counts: dict):
-    """Time every node module, exit-head feature block and kernel call site of ``model``'s sparse path.
-
-    ``counts[name]`` counts the calls. The kernels' entry points are wrapped in the modules that call
-    them and restored on exit; the library's own code runs unchanged. Host syncs (``to_host``) are
-    timed on the host clock: that is the time the CPU waits for the device.
+    """Time every node module and exit-head feature block of ``model``'s sparse path (forward hooks, removed
+    on exit) and record the kernels from a profiler trace: every kernel is a torch op, so the trace names
+    each call ``adaexit::<op>`` wherever it is made (executor, stream, heads, wrappers), and host syncs
+    ``adaexit::to_host``. Yields a dict that holds, once the block ends, ``{op: ms}`` summed over the block
+    (device time on CUDA, host time on the CPU); ``counts[name]`` counts the calls. Nothing of the library is
+    replaced.
     """
     if not isinstance(model, AdaptiveModel):
         raise ValueError(f"profile: model must be an adaexit AdaptiveModel, got {type(model).__name__}")
-    nodes = model.graph()
-    saved = [(mod, attr, getattr(mod, attr)) for mod, attr in _PATCH_SITES]
-    saved.append((_executor, "to_host", _executor.to_host))
-    sync_ms: list[float] = []
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            with timer.region(name):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    def timed_sync(fn):
-        def wrapper(*args, **kwargs):
-            counts["host_sync"] += 1
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync_ms.append((time.perf_counter() - start) * 1e3)
-
-        return wrapper
-
     handles = []
 
     def hook(module, name):
@@ -200,21 +172,28 @@ def instrument(model, timer: Timer, counts: dict):
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
 
+    cuda = timer.kind.startswith("CUDA")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    op_ms: dict[str, float] = {}
     try:
-        for mod, attr, fn in saved[:-1]:
-            setattr(mod, attr, timed(attr, fn))
-        _executor.to_host = timed_sync(saved[-1][2])
-        for i, node in enumerate(nodes):
+        for i, node in enumerate(model.graph()):
             hook(node.module, f"stage {i}")
             features = getattr(node.head, "features", None)
             if features is not None and not isinstance(features, torch.nn.Identity):
                 hook(features, f"head {i} features")
-        yield sync_ms
+        with torch.profiler.profile(activities=activities) as prof:
+            yield op_ms
     finally:
         for handle in handles:
             handle.remove()
-        for mod, attr, fn in saved:
-            setattr(mod, attr, fn)
+    for event in prof.events():
+        if not event.name.startswith("adaexit::"):
+            continue
+        name = event.name.split("::", 1)[1]
+        name = "host_sync" if name == "to_host" else name
+        counts[name] += 1
+        us = event.device_time_total if cuda and name != "host_sync" else event.cpu_time_total
+        op_ms[name] = op_ms.get(name, 0.0) + us / 1e3
 
 
 def _kind(name: str) -> str:
@@ -254,11 +233,12 @@ def _median_ms(fn, timer: Timer, repeats: int) -> float:
 @torch.inference_mode()
 def compaction_bandwidth(h: torch.Tensor, keep: torch.Tensor, timer: Timer, repeats: int = 20) -> dict:
     """``compact(keep, h)`` (one sync; and the static-capacity variant, none) vs ``dst.copy_(src)``
-    of the same bytes. GB/s from ``2 * kept * row_bytes`` (kept rows read once, written once)."""
+    of the same bytes. GB/s from compact's bytes-moved model, per variant."""
     kept = int(keep.sum())
     row_bytes = h[0].numel() * h.element_size() if h.shape[0] else 0
-    moved = 2 * kept * row_bytes
-    src = h[:kept].clone().contiguous()
+    moved = {"compact": compact_bytes(keep, h, kept=kept), "compact_static": compact_bytes(keep, h, kept=kept, capacity=kept)}
+    moved["copy"] = moved["compact"]
+    src = torch.empty(max(1, moved["copy"] // 2), dtype=torch.uint8, device=h.device)  # read + write = the bytes
     dst = torch.empty_like(src)
     results = {
         "rows": int(h.shape[0]),
@@ -266,14 +246,14 @@ def compaction_bandwidth(h: torch.Tensor, keep: torch.Tensor, timer: Timer, repe
         "row_shape": list(h.shape[1:]),
         "dtype": str(h.dtype).replace("torch.", ""),
         "row_bytes": row_bytes,
-        "bytes_moved": moved,
+        "bytes_moved": moved["compact"],
         "compact_ms": _median_ms(lambda: compact(keep, h), timer, repeats),
         "compact_static_ms": _median_ms(lambda: compact(keep, h, capacity=kept), timer, repeats),
         "copy_ms": _median_ms(lambda: dst.copy_(src), timer, repeats),
     }
     for key in ("compact", "compact_static", "copy"):
         ms = results[f"{key}_ms"]
-        results[f"{key}_GBps"] = moved / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
+        results[f"{key}_GBps"] = moved[key] / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
     copy = results["copy_GBps"]
     results["compact_over_copy"] = results["compact_GBps"] / copy if copy > 0 else float("nan")
     results["compact_static_over_copy"] = results["compact_static_GBps"] / copy if copy > 0 else float("nan")
@@ -299,22 +279,20 @@ def profile_model(model, x: torch.Tensor, repeats: int = 10, compaction_repeats:
     per_forward: list[dict[str, float]] = []
     syncs: list[int] = []
     counts: dict[str, int] = defaultdict(int)
-    with instrument(model, timer, counts) as sync_ms:
+    with instrument(model, timer, counts) as op_ms:
         for _ in range(repeats):
             before = host_sync_count()
             with timer.region("forward"):
                 model(x)
             syncs.append(host_sync_count() - before)
             times = timer.collect()
-            totals = {name: sum(values) for name, values in times.items()}
-            totals["host_sync"] = sum(sync_ms)
-            sync_ms.clear()
-            per_forward.append(totals)
+            per_forward.append({name: sum(values) for name, values in times.items()})
     forward_ms = statistics.median(t["forward"] for t in per_forward)
-    names = sorted({n for t in per_forward for n in t}, key=lambda n: (n != "forward", _kind(n) != "stage", n))
+    names = sorted({n for t in per_forward for n in t} | set(op_ms), key=lambda n: (n != "forward", _kind(n) != "stage", n))
     regions = []
     for name in names:
-        ms = statistics.median(t.get(name, 0.0) for t in per_forward)
+        # hooks: the median over forwards; the trace's ops: their mean per forward
+        ms = op_ms[name] / repeats if name in op_ms else statistics.median(t.get(name, 0.0) for t in per_forward)
         regions.append(
             {
                 "name": name,
@@ -379,7 +357,7 @@ def format_report(report: dict) -> str:
         lines += [
             "",
             f"compaction: {c['kept']} of {c['rows']} rows of {c['row_shape']} {c['dtype']} "
-            f"({c['row_bytes']} B/row, {c['bytes_moved'] / 1e6:.2f} MB moved = 2 x kept bytes)",
+            f"({c['row_bytes']} B/row, {c['bytes_moved'] / 1e6:.2f} MB moved, compact's bytes model)",
             format_table(
                 [
                     {"op": op, "ms": c[f"{key}_ms"], "GBps": c[f"{key}_GBps"], "r": c[f"{key}_over_copy"] if key != "copy" else 1.0}

@@ -10,6 +10,11 @@ with the same signature. This package re-exports the ops' public functions; the 
 * :func:`gather_rows`  - ``x[index]``.
 * :func:`scatter_rows` - ``out[index] = src``.
 * :func:`compact`      - keep the rows where ``keep`` is true, for any number of tensors.
+
+Every op is a torch op in the ``adaexit`` namespace (``torch.ops.adaexit.<op>``, with a fake implementation
+for ``torch.compile`` and autograd where it applies); the public functions check their arguments and call it.
+:class:`set_backend` chooses the implementation behind the ops, :func:`launch_count` counts Triton launches,
+:func:`host_sync_count` host synchronisations.
 """
 
 if __name__ == "kernels":
@@ -31,7 +36,7 @@ if __name__ == "kernels":
         _sys.path[:] = _path
 else:
     from ._compile import CompileSpec
-    from ._dispatch import backend_for, host_sync_count, interpreter_enabled
+    from ._dispatch import backend_for, host_sync_count, interpreter_enabled, launch_count, set_backend
     from .ops import exit_gate as _exit_gate_op
     from .ops import gather_rows as _gather_rows_op
     from .ops import partition as _partition_op
@@ -60,8 +65,10 @@ else:
         "gather_rows_torch",
         "host_sync_count",
         "interpreter_enabled",
+        "launch_count",
         "partition",
         "partition_torch",
         "scatter_rows",
         "scatter_rows_torch",
+        "set_backend",
     ]

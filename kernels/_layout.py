@@ -66,6 +66,47 @@ def dense_strides(sizes, order) -> list[int]:
     return strides
 
 
+def _contiguous_strides(sizes) -> list[int]:
+    strides, acc = [], 1
+    for size in reversed(sizes):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]
+
+
+def out_row_strides(x: torch.Tensor) -> list[int]:
+    """Strides of the trailing dims of ``gather_rows(x, ...)``'s output (row stride: their product): ``x``'s
+    row layout when its rows are dense runs (channels_last stays channels_last), else contiguous. One rule for
+    the Triton path, the torch path and the fake (meta) implementation of the op."""
+    trail = list(x.shape[1:])
+    contiguous = _contiguous_strides(trail)
+    if list(x.stride()[1:]) == contiguous:  # the common case, decided without planning
+        return contiguous
+    order = memory_order(trail, x.stride()[1:])
+    sizes, (strides,) = coalesce([trail[d] for d in order], [x.stride(d + 1) for d in order])
+    if x.element_size() in _RAW_DTYPES and len(sizes) == 1 and strides[0] == 1:
+        return dense_strides(trail, order)
+    return contiguous
+
+
+def empty_rows(x: torch.Tensor, n) -> torch.Tensor:
+    """An uninitialised ``[n, *x.shape[1:]]`` tensor like ``x`` in the layout of :func:`out_row_strides`."""
+    trail = list(x.shape[1:])
+    row = 1
+    for s in trail:
+        row *= s
+    return torch.empty_strided([n, *trail], [row, *out_row_strides(x)], dtype=x.dtype, device=x.device)
+
+
+def in_row_layout(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``rows`` (gathered from ``x`` by torch) in the layout of :func:`out_row_strides` (a copy only when
+    torch chose another layout)."""
+    strides = out_row_strides(x)
+    if all(st == want or sz == 1 for st, want, sz in zip(rows.stride()[1:], strides, rows.shape[1:])):
+        return rows  # same layout (strides of size-1 dims do not matter)
+    return empty_rows(x, rows.shape[0]).copy_(rows)
+
+
 def raw_view(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` reinterpreted as same-width integers (copies move bits, not values); None if unsupported."""
     raw = _RAW_DTYPES.get(t.element_size())
@@ -79,6 +120,16 @@ def tile_shape(R: int, element_size: int) -> tuple[int, int]:
     block_cols = min(next_power_of_2(max(R, 1)), _MAX_COL_BYTES // element_size)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, (_TILE_BYTES // element_size) // block_cols))
     return block_rows, block_cols
+
+
+def rows_bytes(rows: int, row_elems: int, elem_size: int, index_size: int = 8) -> int:
+    """Bytes a row-copy kernel moves for ``rows`` rows of ``row_elems`` elements: each row read once and
+    written once; the index read once per column chunk of the program tile (:func:`tile_shape`)."""
+    if rows == 0 or row_elems == 0:
+        return 0
+    _, block_cols = tile_shape(row_elems, elem_size)
+    chunks = -(-row_elems // block_cols)
+    return 2 * rows * row_elems * elem_size + rows * index_size * chunks
 
 
 def tile_spec(label: str, fn, signature: dict, R: int, element_size: int) -> CompileSpec:
@@ -98,9 +149,11 @@ def check_index(index: torch.Tensor, name: str = "index") -> None:
         raise ValueError(f"{name} must be int64 or int32, got {index.dtype}")
 
 
-def check_index_values(index: torch.Tensor, bound: int, name: str = "index") -> None:
-    """Range check, CPU tensors only (on CUDA it would be a host sync; the kernels mask instead)."""
+def check_index_values(index: torch.Tensor, bound: int, name: str = "index", padded: bool = False) -> None:
+    """Range check, CPU tensors only (on CUDA it would be a host sync; the kernels mask instead). With
+    ``padded``, ``-1`` (a padding slot) is allowed too."""
     if index.device.type == "cpu" and index.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(index))
-        if lo < 0 or hi >= bound:
-            raise ValueError(f"{name} values must be in [0, {bound}), got values in [{lo}, {hi}]")
+        if lo < (-1 if padded else 0) or hi >= bound:
+            allowed = f"-1 (padding) or [0, {bound})" if padded else f"[0, {bound})"
+            raise ValueError(f"{name} values must be in {allowed}, got values in [{lo}, {hi}]")

@@ -237,9 +237,10 @@ def test_budget_is_respected_and_cost_drops(trained):
     assert costs[0] >= costs[1] >= costs[2]  # a larger budget never costs more
 
 
-def test_frontier_is_pareto_and_sorted(trained):
+@pytest.mark.parametrize("confidence", [None, 0.9])
+def test_frontier_is_pareto_and_sorted(trained, confidence):
     model, (x, y) = trained
-    result = calibrate(model, (x, y), max_accuracy_drop=0.5, progress=False)
+    result = calibrate(model, (x, y), max_accuracy_drop=0.5, progress=False, confidence=confidence)
     front = result.frontier
     assert [p.cost for p in front] == sorted(p.cost for p in front)
     assert all(a.accuracy < b.accuracy for a, b in zip(front, front[1:]))
@@ -251,6 +252,8 @@ def test_frontier_is_pareto_and_sorted(trained):
         assert not any(dominates(p, f) for p in result.points)
     for p in result.points:  # everything else is dominated by, or ties with, a frontier point
         assert any(dominates(f, p) or (f.cost == p.cost and f.accuracy == p.accuracy) for f in front)
+    if confidence is not None:  # the cheapest certified policy need not be on the estimates' frontier
+        return
     # the chosen point is on the frontier up to ties
     assert any(f.cost == result.best.cost and f.accuracy >= result.best.accuracy for f in front)
 
@@ -410,7 +413,8 @@ def test_errors(trained):
 def test_thresholds_sit_in_gaps_between_scores(trained):
     """Deployed thresholds never sit on (or within rounding of) a calibration score."""
     model, (x, y) = trained
-    result = calibrate(model, (x, y), policies=("uniform", "per_exit"), progress=False)
+    # (with a confidence the thresholds sit in the gaps of the search half's scores)
+    result = calibrate(model, (x, y), policies=("uniform", "per_exit"), progress=False, confidence=None)
     with torch.no_grad():
         dense = model.exit_logits(x)
     for p in result.points:
@@ -442,13 +446,18 @@ def test_fashion_mnist_budget_and_speedup():
     cal_x, cal_y = images[5000:8000], labels[5000:8000]
     # a 4-unit first stage: its exit is clearly weaker than the later ones, so the policy has to split
     model = train(mlp(dim=784, classes=10, widths=(4, 128, 128)), train_x, train_y, steps=250, lr=3e-3)
-    result = calibrate(model, (cal_x, cal_y), max_accuracy_drop=1.0, progress=False)
+    result = calibrate(model, (cal_x, cal_y), max_accuracy_drop=1.0, progress=False, confidence=None)
     assert result.baseline_accuracy > 0.65
     assert result.best.accuracy_drop_pp <= 1.0
     assert result.best.speedup > 1.5 and result.best.exit_counts[0] > 0
     out, info = run(model, result.policy, cal_x)
     assert 100 * (result.baseline_accuracy - (out.argmax(1) == cal_y).double().mean().item()) <= 1.0 + 1e-9
     assert info.ideal_speedup == pytest.approx(result.best.speedup, rel=1e-12)
+    # with the guarantee, on 1,500 search + 1,500 test rows: exits are still certified, for less speedup
+    for drop in ("net", "new_errors"):
+        sure = calibrate(model, (cal_x, cal_y), max_accuracy_drop=1.0, progress=False, drop=drop)
+        assert sure.best.certified and sure.best.bound_pp <= 1.0 and not sure.warnings
+        assert 1.5 < sure.best.speedup <= result.best.speedup
 
 
 def test_new_errors_rule_is_conservative_and_deploys_what_it_simulated():
@@ -461,8 +470,10 @@ def test_new_errors_rule_is_conservative_and_deploys_what_it_simulated():
     train_multi_exit(model, make_loader(x[:400], y[:400], 50), epochs=3, lr=1e-2, progress=False)
     model.eval()
     val = (x[400:], y[400:])
-    net = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",))
-    strict = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",), drop="new_errors")
+    # point estimates (200 rows cannot certify 2 pp at confidence 0.9)
+    net = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",), confidence=None)
+    strict = calibrate(model, val, max_accuracy_drop=2.0, progress=False, policies=("uniform",), drop="new_errors",
+                       confidence=None)
     for p in net.points:  # new errors are never fewer than the net drop
         assert p.new_errors_pp >= p.accuracy_drop_pp - 1e-9
     assert strict.best.new_errors_pp <= 2.0
@@ -511,7 +522,7 @@ def test_per_exit_never_loses_to_uniform(seed, k_exits, budget, drop):
     model = mlp(widths=(4,) * k_exits)
     for criterion in CONFIDENCE_CRITERIA:
         result = calibrate(model, outputs, max_accuracy_drop=budget, criteria=(criterion,),
-                           policies=("uniform", "per_exit"), progress=False, drop=drop)
+                           policies=("uniform", "per_exit"), progress=False, drop=drop, confidence=None)
         best = result.best_by_kind
         measured = (lambda p: p.accuracy_drop_pp) if drop == "net" else (lambda p: p.new_errors_pp)
         uniform = [p for p in result.points if p.kind == "uniform" and measured(p) <= budget + 1e-9]
@@ -572,7 +583,7 @@ def test_budget_losses():
 
 def test_families_beside_the_oracle(trained, tmp_path):
     model, (x, y) = trained
-    result = calibrate(model, (x, y), max_accuracy_drop=1.0, progress=False, drop="new_errors")
+    result = calibrate(model, (x, y), max_accuracy_drop=1.0, progress=False, drop="new_errors", confidence=None)
     best = result.best_by_kind
     assert set(best) == {"never", "uniform", "per_exit", "learned"}  # no skips in an EarlyExitNet: no selection
     assert result.best is min(best.values(), key=lambda p: (p.cost, -p.accuracy))

@@ -1,6 +1,7 @@
 """Cascade / network selection: nothing lost, per-example equivalence, skipping, costs, oracle, errors."""
 
 import copy
+import io
 import json
 import math
 
@@ -104,7 +105,7 @@ def follow(table, successors, n):
 def test_graph_numbering_and_successors():
     c = build("with_een")
     assert c.num_exits == 4
-    assert c.node_model == [0, 1, 1, 2]
+    assert c.node_members() == [0, 1, 1, 2]
     # next node first (so an exit mask maps to 0/1), then later network entries; never mid-EarlyExitNet
     assert c.successors == [(1, 3), (2, 3), (3,), ()]
     assert "exit 1" in c.node_names[2]
@@ -516,7 +517,7 @@ def test_calibrate_works_on_a_cascade(task):
     x, y, _ = task["train"]
     xt, yt, _ = task["test"]
     c = Cascade(task["models"]).eval()
-    result = calibration.calibrate(c, (x, y), max_accuracy_drop=1.0, progress=False)
+    result = calibration.calibrate(c, (x, y), max_accuracy_drop=1.0, progress=False, confidence=None)  # the search
     assert c.policy is result.policy
     # the calibration simulation predicts exactly what the sparse cascade does on the same data
     with torch.no_grad():
@@ -671,12 +672,14 @@ def test_offsets_move_exactly_the_exit_and_skip_decisions():
         clone.load_state_dict(c.state_dict())
         assert torch.equal(clone.policy.routes(outputs.logits), got)
     assert torch.equal(policy.routes(outputs.logits), routes)
-    state = policy.get_extra_state()
-    del state["exit_offsets"], state["skip_offsets"]  # a state saved before offsets existed
-    old = NetworkSelectionPolicy()
-    old.bind_graph(c.successors)
-    old.load_state_dict({**policy.state_dict(), "_extra_state": state})
-    assert torch.equal(old.routes(outputs.logits), routes)
+    # a freshly built cascade (default policy) restores the fitted policy from a weights-only checkpoint
+    buffer = io.BytesIO()
+    torch.save(c.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Cascade(c.models).eval()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert isinstance(fresh.policy, NetworkSelectionPolicy)
+    assert torch.equal(fresh.policy.routes(outputs.logits), c.policy.routes(outputs.logits))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -723,3 +726,18 @@ def test_chain_search_follows_skips_exactly(kind):
                     trial_u = list(u)
                     trial_u[k] = float(us[i])
                     assert (ls[i], cs[i]) == pytest.approx(simulated(t, trial_u), rel=1e-9)
+
+
+def test_a_member_that_prepares_its_own_input_is_refused_by_name():
+    """Members read the cascade's input tensor; a wrapped Hugging Face model turns its input into token rows
+    (a TokenBatch) of its own, so a cascade refuses it, naming it, instead of feeding it the wrong rows."""
+    pytest.importorskip("transformers", reason="the Hugging Face wrappers need transformers (adaexit[hf])")
+    from helpers import hf_classifier, hf_layer_names
+
+    from adaexit import wrap
+
+    bert = hf_classifier("bert")
+    # (the first member never runs: the refusal comes while the input is prepared)
+    c = Cascade([nn.Embedding(100, 4), wrap(bert, exits=hf_layer_names(bert, ks=(1,)))]).eval()
+    with pytest.raises(ValueError, match=r"models\[1\] \(TransformerExits\) reads its input as a TokenBatch"):
+        c(torch.randint(3, 100, (2, 5)))

@@ -93,9 +93,9 @@ def test_compact_no_tensors_and_empty():
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_host_syncs(backend, monkeypatch):
+def test_host_syncs(backend, use_backend):
     """compact: exactly one sync (the kept count); static capacity: none; partition: none."""
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+    use_backend(backend)
     keep = torch.rand(64) < 0.5
     x, ids = torch.randn(64, 8), torch.arange(64)
     before = host_sync_count()
@@ -110,8 +110,8 @@ def test_host_syncs(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_compact_errors(backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_compact_errors(backend, use_backend):
+    use_backend(backend)
     keep = torch.tensor([True, False, True])
     with pytest.raises(ValueError, match="keep must be a 1-D bool tensor"):
         compact(keep.long(), torch.zeros(3))

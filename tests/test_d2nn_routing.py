@@ -141,7 +141,7 @@ def test_d2nn_routing_cost_accounting():
     flops = model.node_flops(x)
     full = model.max_path_flops(x)
     assert full == flops[0] + max(flops[1], flops[2]) + flops[3]
-    _, info = model(x, return_info=True)
+    info = model.rollout(x)  # an eval-mode rollout: every row's cost, the most expensive path
     took_high = torch.tensor([1 if float(c) > 0.99 else 0 for c in info.cost])
     with torch.no_grad():
         choice = model.controllers["0"](x).argmax(1)
@@ -150,6 +150,9 @@ def test_d2nn_routing_cost_accounting():
     torch.testing.assert_close(info.cost.double() * full, per_row)
     assert info.flops == pytest.approx(float(info.cost.double().sum()) * full)
     assert info.flops <= info.max_flops
+    _, exit_info = model(x, return_info=True)  # the one info type: the same FLOPs, per row too
+    assert exit_info.flops == info.flops and exit_info.full_flops == info.max_flops
+    torch.testing.assert_close(exit_info.flops_per_row, per_row)
 
 
 def test_d2nn_routing_training_rollout_is_sparse_and_differentiable():
@@ -229,14 +232,14 @@ def test_d2nn_controller_training_lowers_cost_at_equal_accuracy():
         model.controllers["0"].out.weight.zero_()
         model.controllers["0"].out.bias.copy_(torch.tensor([1.5, -1.5]))
     model.eval()
-    logits, before = model(x_test, return_info=True)
+    logits, before = model(x_test), model.rollout(x_test)
     acc_before = float((logits.argmax(1) == y_test).float().mean())
     assert before.mean_cost == pytest.approx(1.0)  # everyone on the most expensive path
 
     history = trainer.fit((x, y), epochs=6)
     assert not any(h["warmup"] for h in history)
     model.eval()
-    logits, after = model(x_test, return_info=True)
+    logits, after = model(x_test), model.rollout(x_test)
     acc_after = float((logits.argmax(1) == y_test).float().mean())
     assert after.mean_cost < 0.7 * before.mean_cost
     assert acc_after >= acc_before - 0.02

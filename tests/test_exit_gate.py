@@ -83,8 +83,9 @@ def test_reference_nan_inf_never_exit():
         assert score[1:].isnan().all()
 
 
-def test_cpu_dispatches_to_reference(monkeypatch):
-    monkeypatch.delenv("ADAEXIT_BACKEND", raising=False)
+@pytest.mark.cpu_only(reason="CPU tensors dispatch to the reference")
+def test_cpu_dispatches_to_reference(monkeypatch, use_backend):
+    use_backend("auto")
 
     def boom(*a, **k):
         raise AssertionError("the Triton kernel was launched for a CPU tensor")
@@ -135,17 +136,18 @@ assert torch.equal(out[index], x[:2])
 kept, x_kept = K.compact(route == 0, x)
 assert kept.tolist() == [1, 3, 4] and torch.equal(x_kept, x[[1, 3, 4]])
 
-os.environ["ADAEXIT_BACKEND"] = "triton"  # asking for the kernels without triton: a clear error
-try:
-    K.exit_gate(h, w)
+try:  # asking for the kernels without triton: a clear error
+    with K.set_backend("triton"):
+        K.exit_gate(h, w)
 except RuntimeError as e:
     assert "install triton" in str(e), e
 else:
-    raise AssertionError("ADAEXIT_BACKEND=triton ran without triton")
+    raise AssertionError("backend triton ran without triton")
 print("ok")
 """
 
 
+@pytest.mark.cpu_only(reason="without triton only the CPU references run")
 def test_imports_and_references_work_without_triton():
     """Without triton the package imports (kernels defined through the stand-ins of ``kernels/_triton.py``)
     and every op runs its torch reference. In a subprocess: this process has imported triton already."""
@@ -176,8 +178,8 @@ def test_imports_and_references_work_without_triton():
     ],
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_errors(kwargs, match, backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_errors(kwargs, match, backend, use_backend):
+    use_backend(backend)
     kwargs = dict(kwargs)  # the parametrize dict is shared between the two backends
     h = kwargs.pop("h")
     weight = kwargs.pop("weight")

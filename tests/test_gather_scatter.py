@@ -129,9 +129,10 @@ def test_gather_then_scatter_roundtrip():
     assert torch.equal(scatter_rows(out, index, gather_rows(x, index)), x)
 
 
+@pytest.mark.cpu_only(reason="index / route values are checked on CPU tensors only (a check on CUDA would sync)")
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_gather_rows_errors(backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_gather_rows_errors(backend, use_backend):
+    use_backend(backend)
     x = torch.randn(5, 3)
     with pytest.raises(ValueError, match=r"index values must be in \[0, 5\)"):
         gather_rows(x, torch.tensor([0, 5]))
@@ -147,9 +148,10 @@ def test_gather_rows_errors(backend, monkeypatch):
         gather_rows(torch.zeros(0, 3), torch.tensor([0]))
 
 
+@pytest.mark.cpu_only(reason="index / route values are checked on CPU tensors only (a check on CUDA would sync)")
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_scatter_rows_errors(backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_scatter_rows_errors(backend, use_backend):
+    use_backend(backend)
     out = torch.zeros(5, 3)
     with pytest.raises(ValueError, match="src must have shape"):
         scatter_rows(out, torch.tensor([0, 1]), torch.zeros(2, 4))
@@ -210,3 +212,36 @@ def test_scatter_rows_kernel_choice(triton_backend, monkeypatch, out_layout, src
         assert calls == ["_scatter_rows_kernel"]
     else:
         assert calls == ["_scatter_rows_strided_kernel"]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("layout", ["1d", "row345", "channels_last", "sliced_last"])
+def test_padded_index(backend, layout, use_backend):
+    """``padded=True``: index -1 marks a padding slot (the zero-sync mode's static-capacity buffers): gather
+    writes a zero row there, scatter skips it; other values are checked as usual."""
+    use_backend(backend)
+    x = LAYOUTS[layout][0](7, torch.float32)
+    index = torch.tensor([3, -1, 0, 6, -1])
+    got = gather_rows(x, index, padded=True)
+    want = x[index.clamp(min=0)].clone()
+    want[index < 0] = 0
+    assert torch.equal(got, want)
+    out, src = scatter_case(layout, layout, 7, torch.tensor([3, 5, 0, 6, 1]))
+    expected = out.clone()
+    expected[index[index >= 0]] = src[index >= 0]
+    assert scatter_rows(out, index, src, padded=True) is out
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.cpu_only(reason="index / route values are checked on CPU tensors only (a check on CUDA would sync)")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_padded_index_errors(backend, use_backend):
+    use_backend(backend)
+    x, out, src = torch.randn(7, 3), torch.zeros(7, 3), torch.randn(5, 3)
+    index = torch.tensor([3, -1, 0, 6, -1])
+    with pytest.raises(ValueError, match=r"index values must be in \[0, 7\)"):
+        gather_rows(x, index)  # -1 without padded=True is an error, as before
+    with pytest.raises(ValueError, match=r"-1 \(padding\) or \[0, 7\)"):
+        gather_rows(x, torch.tensor([-2, 0]), padded=True)
+    with pytest.raises(ValueError, match=r"-1 \(padding\) or \[0, 7\)"):
+        scatter_rows(out, torch.tensor([0, 7]), src[:2], padded=True)

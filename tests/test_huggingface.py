@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import adaexit
 from adaexit import ConfidencePolicy
@@ -148,7 +149,7 @@ def test_padding_is_trimmed_as_rows_exit_and_rows_run_drop():
         out, info = ee(**x, return_info=True)
     assert info.exit_index.tolist() == [0, 2, 2, 1, 2]
     assert info.rows_run == [5, 4, 3]
-    # (with return_info the plain model also runs once, to count its FLOPs: the first call is ours)
+    # (with return_info the nodes also run once on one row, to count their FLOPs: the first call is ours)
     assert seen[1][0] == (4, 31, 32)  # the 31-token row 3 still runs layer 1
     assert seen[3][0] == (3, 5, 32)  # after it left: the three short rows, trimmed to 5 tokens
     assert info.flops < info.full_flops
@@ -159,7 +160,11 @@ def test_padding_is_trimmed_as_rows_exit_and_rows_run_drop():
         same, same_info = untrimmed(**x, return_info=True)
     assert seen[3][0] == (3, 31, 32)
     torch.testing.assert_close(same.logits, out.logits, atol=1e-5, rtol=1e-5)
-    assert same_info.flops > info.flops
+    # FLOPs as for every adaptive model: rows run x each node's cached per-row cost at the batch's padded length
+    stage, head = ee.exit_costs(x)
+    assert info.flops == same_info.flops == sum(r * s for r, s in zip(info.rows_run, stage)) + sum(
+        r * h for r, h in zip(info.rows_decided, head))
+    assert info.full_flops == 5 * ee.reference_cost(x)
 
 
 def test_stream_over_token_batches_equals_per_batch():
@@ -170,10 +175,10 @@ def test_stream_over_token_batches_equals_per_batch():
     ee.set_policy(ConfidencePolicy("maxprob", [float(dense[0].median()), float(dense[1].median())]))
     batches = [token_batch(lengths, seed=s) for s, lengths in enumerate([[7, 3], [31, 2, 9, 9], [1], [12, 12, 12]])]
     streamed = list(adaexit.stream(ee, batches, batch_size=4, return_info=True))
-    for x, (out, exit_index) in zip(batches, streamed):
+    for x, (out, streamed_info) in zip(batches, streamed):
         with torch.no_grad():
             ref, info = ee(**x, return_info=True)
-        assert torch.equal(exit_index, info.exit_index)
+        assert torch.equal(streamed_info.exit_index, info.exit_index)
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
 
 
@@ -268,3 +273,140 @@ def test_real_minilm_never_exit_is_exact_and_rows_are_padding_invariant():
             assert alone_info.exit_index.item() == info.exit_index[i].item()
             torch.testing.assert_close(alone.logits[0], out.logits[i], atol=1e-5, rtol=1e-5)
     assert info.rows_run[0] == len(TEXTS) > info.rows_run[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# One surface, one shape, saved exits, mode, Hugging Face clients (issues 20, 22)
+# ---------------------------------------------------------------------------------------------
+def _saved(module) -> dict:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_the_wrapped_model_has_the_shape_every_wrapped_model_has():
+    model = small("bert")
+    ee = adaexit.wrap(model, exits=exits("bert"))
+    assert ee.exits == exits("bert") and ee.layouts == ["tokens", "tokens"] and len(ee.exit_heads) == 2
+    assert dict(ee.named_modules())["model"] is model  # the model is visible, registered once
+    keys = list(ee.state_dict())
+    assert [k[len("model."):] for k in keys if k.startswith("model.")] == list(model.state_dict())
+    own = {k.split(".")[0] for k in keys if not k.startswith("model.")}
+    assert own == {"_extra_state", "exit_heads", "policy"}
+    assert sum(p.numel() for p in ee.parameters()) == sum(p.numel() for p in model.parameters()) + sum(
+        p.numel() for p in ee.exit_heads.parameters())
+    assert ee.config is model.config and ee.device == model.device and ee.dtype == model.dtype
+
+
+def test_saved_state_round_trips_and_other_exits_are_refused():
+    model = small("bert")
+    ee = adaexit.wrap(model, exits=exits("bert"), policy=ConfidencePolicy("maxprob", [0.3, 0.3]))
+    state = _saved(ee)
+    twin = adaexit.wrap(small("bert"), exits=exits("bert"))
+    twin.load_state_dict(state)
+    x = inputs_for("bert")
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(**x).logits, ee.eval()(**x).logits)
+    other = adaexit.wrap(small("bert"), exits=exits("bert", (1, 2)))
+    with pytest.raises(ValueError, match=r"saved for exits \['bert.encoder.layer.0', 'bert.encoder.layer.2'\].*"
+                                         r"has exits \['bert.encoder.layer.1', 'bert.encoder.layer.2'\]"):
+        other.load_state_dict(state)
+
+
+def test_wrap_follows_the_mode_of_the_model():
+    model = small("bert")  # eval
+    ee = adaexit.wrap(model, exits=exits("bert"))
+    assert not ee.training and not any(m.training for m in ee.exit_heads.modules())
+    with torch.no_grad():
+        assert torch.equal(ee(**inputs_for("bert")).logits, model(**inputs_for("bert")).logits)
+    assert adaexit.wrap(small("bert").train(), exits=exits("bert")).training
+
+
+class FirstToken(nn.Module):
+    """A plain module head: hidden states [N, L, D] -> logits from the first token."""
+
+    def __init__(self, width, classes):
+        super().__init__()
+        self.linear = nn.Linear(width, classes)
+
+    def forward(self, h):
+        return self.linear(h[:, 0])
+
+
+def test_heads_keyword_lists_factories_and_refusals():
+    model = small("distilbert")
+    x = inputs_for("distilbert")
+    made = []
+    ee = adaexit.wrap(model, exits=exits("distilbert"), heads=lambda w, c: made.append((w, c)) or FirstToken(w, c))
+    assert made == [(32, 5), (32, 5)]
+    with torch.no_grad():
+        dense = ee.exit_logits(x)  # a plain module reads the hidden states
+        assert torch.equal(dense[0], ee.exit_heads[0](ee.stages[0](ee.prepare_input(x)).hidden))
+        ee.set_policy(ConfidencePolicy("maxprob", [0.0, 0.0]))  # everyone leaves at the first exit
+        out, info = ee.eval()(**x, return_info=True)
+    assert info.exit_counts[0] == 7 and torch.equal(out.logits, dense[0])
+    with pytest.raises(ValueError, match="got 1 heads for 2 early exits"):
+        adaexit.wrap(model, exits=exits("distilbert"), heads=[FirstToken(32, 5)])
+    with pytest.raises(ValueError, match="unknown keyword head="):
+        adaexit.wrap(model, exits=exits("distilbert"), head="linear")
+    with pytest.raises(ValueError, match="unexpected inputs.*pixel_values"):
+        adaexit.wrap(model, exits=exits("distilbert"), example_input={**x, "pixel_values": torch.zeros(1)})
+
+
+def test_vit_interpolate_pos_encoding_is_an_input_not_state():
+    model = small("vit")
+    ee = adaexit.wrap(model, exits=exits("vit"))
+    big = torch.randn(3, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    small_x = inputs_for("vit", n=3)
+    before = ee.prepare_input(pixel_values=big, interpolate_pos_encoding=True)
+    assert before.interpolate_pos_encoding is True
+    with torch.no_grad():
+        assert torch.equal(ee(pixel_values=big, interpolate_pos_encoding=True).logits,
+                           model(pixel_values=big, interpolate_pos_encoding=True).logits)
+        assert torch.equal(ee(**small_x).logits, model(**small_x).logits)  # nothing was left behind
+
+
+def test_distilbert_takes_the_token_type_ids_a_bert_tokenizer_sends_as_the_model_does():
+    model = small("distilbert")
+    x = token_batch(token_types=True)
+    ee = adaexit.wrap(model, exits=exits("distilbert"))
+    with torch.no_grad():
+        assert torch.equal(ee(**x).logits, model(**x).logits)
+
+
+def test_pipelines_take_the_wrapped_model_with_the_plain_models_answers():
+    from transformers import ViTConfig, ViTImageProcessor, pipeline
+    from PIL import Image
+
+    model, tokenizer = _minilm()
+    ee = adaexit.wrap(model, exits=["bert.encoder.layer.1", "bert.encoder.layer.3"])
+    plain = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
+    wrapped = pipeline("text-classification", model=ee, tokenizer=tokenizer, top_k=None)
+    assert wrapped(TEXTS, batch_size=3) == plain(TEXTS, batch_size=3)
+    torch.manual_seed(0)  # a BERT tokenizer sends token_type_ids, which DistilBERT ignores
+    distil = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=tokenizer.vocab_size, dim=32, n_layers=4, n_heads=4, hidden_dim=64, num_labels=3)).eval()
+    d_ee = adaexit.wrap(distil, exits=exits("distilbert", (1,)))
+    assert pipeline("text-classification", model=d_ee, tokenizer=tokenizer)(TEXTS) == pipeline(
+        "text-classification", model=distil, tokenizer=tokenizer)(TEXTS)
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, **SMALL)).eval()
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy())
+              for _ in range(4)]
+    v_ee = adaexit.wrap(vit, exits=exits("vit"))
+    assert pipeline("image-classification", model=v_ee, image_processor=processor)(images, top_k=3) == pipeline(
+        "image-classification", model=vit, image_processor=processor)(images, top_k=3)
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    model = small("bert")
+    ee = adaexit.wrap(model, exits=exits("bert"), policy=ConfidencePolicy("maxprob", [0.3, 0.3]))
+    x = {k: v[:0] for k, v in token_batch().items()}
+    with torch.no_grad():
+        out, info = ee(**x, return_info=True)
+    assert out.logits.shape == (0, 5) and info.exit_index.shape == (0,)

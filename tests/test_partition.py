@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaexit.kernels import host_sync_count, partition, partition_torch
+from adaexit.kernels import host_sync_count, partition, partition_torch, set_backend
 from adaexit.kernels.ops import partition as partition_mod
 from bench.kernel_cases import (
     NUM_ROUTES,
@@ -100,9 +100,7 @@ def test_partition_triton_property(data):
     values = data.draw(st.lists(st.integers(0, num_routes - 1), max_size=200))
     block = data.draw(st.sampled_from([16, 32, 4096]))  # 16/32: multi-block path, 4096: single launch
     route = torch.tensor(values, dtype=torch.int64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAEXIT_BACKEND", "triton")
-        mp.setenv("TRITON_INTERPRET", "1")
+    with pytest.MonkeyPatch.context() as mp, set_backend("triton"):
         mp.setattr(partition_mod, "_SINGLE_BLOCK", block)
         mp.setattr(partition_mod, "_BLOCK", block)
         mp.setattr(partition_mod, "_SCAN_BLOCK", 4)
@@ -113,17 +111,18 @@ def test_partition_triton_property(data):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_partition_makes_no_host_sync(backend, monkeypatch, blocks):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_partition_makes_no_host_sync(backend, blocks, use_backend):
+    use_backend(backend)
     route = make_route(100, 3, "random")
     before = host_sync_count()
     order, counts = partition(route, 3)
     assert host_sync_count() == before
 
 
+@pytest.mark.cpu_only(reason="index / route values are checked on CPU tensors only (a check on CUDA would sync)")
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_partition_errors(backend, monkeypatch):
-    monkeypatch.setenv("ADAEXIT_BACKEND", backend)
+def test_partition_errors(backend, use_backend):
+    use_backend(backend)
     with pytest.raises(ValueError, match="num_routes"):
         partition(torch.zeros(3, dtype=torch.int64), 0)
     with pytest.raises(ValueError, match="num_routes"):
@@ -140,11 +139,12 @@ def test_partition_errors(backend, monkeypatch):
         partition(torch.tensor([False, True]), 1)
 
 
-def test_partition_dispatches_to_reference_on_cpu(monkeypatch):
-    monkeypatch.delenv("ADAEXIT_BACKEND", raising=False)
+@pytest.mark.cpu_only(reason="CPU tensors dispatch to the reference")
+def test_partition_dispatches_to_reference_on_cpu(monkeypatch, use_backend):
+    use_backend("auto")
     calls = []
     real = partition_mod.partition_torch
-    monkeypatch.setattr(partition_mod, "partition_torch", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(partition_mod, "partition_torch", lambda *a, **k: calls.append(1) or real(*a, **k))
     partition(torch.tensor([1, 0, 1]), 2)
     assert calls == [1]
 
@@ -153,3 +153,27 @@ def test_partition_empty():
     order, counts = partition(torch.zeros(0, dtype=torch.int64), 4)
     assert order.shape == (0,) and order.dtype == torch.int64
     assert torch.equal(counts, torch.zeros(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("n, num_routes, capacity", [(0, 3, 4), (1, 2, 1), (37, 3, 40), (37, 3, 5), (100, 5, 0), (100, 2, 30)])
+def test_partition_capacity(backend, n, num_routes, capacity, use_backend, blocks):
+    """``capacity=c``: route r's rows (stable) in row r of an [R, c] matrix, -1 padding, overflow dropped;
+    counts are the full counts; no host sync. tiny_blocks: the multi-block kernels write the layout."""
+    use_backend(backend)
+    route = make_route(n, num_routes, "random")
+    before = host_sync_count()
+    index, counts = partition(route, num_routes, capacity=capacity)
+    assert host_sync_count() == before
+    assert index.shape == (num_routes, capacity) and index.dtype == torch.int64
+    assert torch.equal(counts, torch.bincount(route.long(), minlength=num_routes))
+    for r in range(num_routes):
+        rows = torch.nonzero(route.long() == r).flatten()[:capacity]
+        want = torch.full((capacity,), -1, dtype=torch.int64)
+        want[: rows.numel()] = rows
+        assert torch.equal(index[r], want), (r, index[r], want)
+
+
+def test_partition_capacity_refused_by_name():
+    with pytest.raises(ValueError, match="capacity must be None or an int >= 0"):
+        partition(torch.zeros(3, dtype=torch.int64), 2, capacity=-1)

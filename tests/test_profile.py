@@ -45,7 +45,7 @@ def test_report_structure_and_syncs():
     c = report["compaction"]
     assert c["rows"] == 32 and c["kept"] == report["rows_run"][1]
     assert c["row_bytes"] == 4 * 4 * 4 * 4  # stage 0's output: 4 channels at 4x4, fp32
-    assert c["bytes_moved"] == 2 * c["kept"] * c["row_bytes"]
+    assert c["bytes_moved"] > 2 * c["kept"] * c["row_bytes"]  # the rows, plus partition's and the index's bytes
     assert {"compact_GBps", "compact_static_GBps", "copy_GBps", "compact_over_copy"} <= set(c)
     text = profile.format_report(report)
     assert "host syncs per forward: 2" in text and "dst.copy_(src)" in text
@@ -85,17 +85,19 @@ def test_cascade_profile():
 
 
 def test_instrumentation_is_transparent():
-    """Profiling changes no result and leaves the library's functions as they were."""
+    """Profiling changes no result, replaces nothing of the library (the kernels come from the profiler
+    trace, as ``adaexit::<op>``) and removes its hooks."""
     model, x = _tiny(16)
     originals = (executor.partition, executor.gather_rows, executor.scatter_rows, executor.to_host, heads.exit_gate)
     with torch.inference_mode():
         expected = model(x)
     timer = profile.HostTimer()
     counts = defaultdict(int)
-    with profile.instrument(model, timer, counts), torch.inference_mode():
+    with profile.instrument(model, timer, counts) as op_ms, torch.inference_mode():
         got = model(x)
     assert torch.equal(got, expected)
-    assert counts["partition"] == 2 and counts["stage 0"] == 1
+    assert counts["partition"] == 2 and counts["stage 0"] == 1 and counts["exit_gate"] == 3
+    assert counts["host_sync"] == 2 and set(op_ms) >= {"partition", "exit_gate", "host_sync"}
     assert (executor.partition, executor.gather_rows, executor.scatter_rows, executor.to_host, heads.exit_gate) == originals
     assert not model.graph()[0].module._forward_hooks and not model.graph()[0].module._forward_pre_hooks
 

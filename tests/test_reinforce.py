@@ -137,9 +137,9 @@ def test_selector_policy_on_an_early_exit_net_and_state_dict():
     with torch.no_grad():
         logits, info = net(x, return_info=True)
     assert logits.shape == (50, 3) and sum(info.exit_counts) == 50
-    clone = EarlyExitNet(stages, [ExitHead(8, 3), ExitHead(8, 3)], SelectorPolicy()).eval()
+    clone = EarlyExitNet(stages, [ExitHead(8, 3), ExitHead(8, 3)]).eval()  # default policy: restored on load
     clone.load_state_dict(net.state_dict())
-    assert clone.policy.threshold == 0.4
+    assert isinstance(clone.policy, SelectorPolicy) and clone.policy.threshold == 0.4
     with torch.no_grad():
         assert torch.equal(clone(x, return_info=True)[1].exit_index, info.exit_index)
 

@@ -55,7 +55,9 @@ def test_concurrent_requests_equal_model(name):
             w.join(timeout=120)
         assert server.stats.runs[0] >= 1
     for t in range(threads):
-        for i, ((out, exits), (ref, info)) in enumerate(zip(got[t], expected[t])):
+        for i, ((out, got_info), (ref, info)) in enumerate(zip(got[t], expected[t])):
+            assert isinstance(got_info, adaexit.ExitInfo)
+            exits = got_info.exit_index
             assert out.shape == ref.shape == (inputs[t][i].shape[0], CLASSES)
             assert torch.equal(exits, info.exit_index), (t, i)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -175,9 +177,65 @@ def test_bad_arguments_are_named():
             server.submit("not a tensor")
         with pytest.raises(ValueError, match="Server.submit: x "):
             server.submit(torch.tensor(1.0))
-        assert isinstance(server.submit(randn_inputs(1, DIM)), Future)
-        with pytest.raises(ValueError, match=r"Server.submit: x has rows of shape \(5,\)"):
+        first = server.submit(randn_inputs(1, DIM))
+        assert isinstance(first, Future)
+        first.result(timeout=30)  # the model ran rows of shape (DIM,): those are its rows now
+        with pytest.raises(ValueError, match=r"Server.submit: x has rows of shape \(5,\).*first successful"):
             server.submit(torch.zeros(2, 5))
+
+
+def test_a_bad_first_request_does_not_fix_the_row_shape():
+    """Issue 22: a first request of the wrong shape fails (in the model) without deciding what later requests
+    may be; valid requests submitted right behind it are served, and only then is the row shape known."""
+    model = small_early_exit(DIM, CLASSES)
+    with Server(model, batch_size=4, max_wait_ms=1) as server:
+        bad = server.submit(torch.zeros(3, DIM + 2))
+        good = [server.submit(randn_inputs(2, DIM, seed=i)) for i in range(3)]
+        with pytest.raises(RuntimeError, match=r"Server: node 0 \(stage 0\) failed on 3 rows"):
+            bad.result(timeout=30)
+        with torch.no_grad():
+            for i, f in enumerate(good):
+                torch.testing.assert_close(f.result(timeout=30), model(randn_inputs(2, DIM, seed=i)), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="first successful"):
+            server.submit(torch.zeros(1, DIM + 2))
+        assert server.submit(randn_inputs(1, DIM)).result(timeout=30).shape == (1, CLASSES)
+
+
+class Poisoned(nn.Module):
+    """Raises on a sub-batch that holds a row whose first feature is above 1e6."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if bool((x[:, 0] > 1e6).any()):
+            raise RuntimeError("poisoned row")
+        return self.inner(x)
+
+
+def test_a_failing_node_fails_only_the_batches_whose_rows_it_held():
+    """A node that fails loses the rows it held: their batches fail; a batch waiting in another queue at that
+    moment finishes with its true output."""
+    model = small_early_exit(DIM, CLASSES, ConfidencePolicy("maxprob", [2.0, 2.0]))  # rows reach every node
+    model.stages[0] = Poisoned(model.stages[0])
+    x = randn_inputs(1, DIM)
+    poison = randn_inputs(2, DIM, seed=1)
+    poison[:, 0] = 1e7
+    scheduler = Scheduler(model, batch_size=2)
+    with torch.inference_mode():
+        scheduler.admit(x, tag="good")
+        assert scheduler.step(flush=True)  # node 0 on the good row: it waits at node 1 (not a full batch)
+        scheduler.admit(poison, tag="poison")
+        with pytest.raises(RuntimeError, match=r"stream: node 0 \(stage 0\) failed on 2 rows.*poisoned"):
+            scheduler.step()  # node 0 on the poisoned rows
+        while scheduler.step(flush=True):
+            pass
+        done = list(scheduler.pop_done())
+        ref = model(x)
+    assert [tag for tag, _, _ in done] == ["good", "poison"]
+    torch.testing.assert_close(done[0][1], ref)
+    assert isinstance(done[1][1], RuntimeError) and scheduler.idle
 
 
 def test_readme_stream_and_server_example_runs():

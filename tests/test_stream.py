@@ -53,9 +53,14 @@ def per_batch(model, batches):
 def assert_streams_like_per_batch(model, batches, **kwargs):
     streamed = list(adaexit.stream(model, batches, return_info=True, **kwargs))
     assert len(streamed) == len(batches)
-    for x, (out, exits), (ref, info) in zip(batches, streamed, per_batch(model, batches)):
+    for x, (out, got), (ref, info) in zip(batches, streamed, per_batch(model, batches)):
         assert out.shape == ref.shape == (x.shape[0], CLASSES)
-        assert torch.equal(exits, info.exit_index)
+        assert isinstance(got, adaexit.ExitInfo)
+        assert torch.equal(got.exit_index, info.exit_index)
+        assert (got.exit_counts, got.rows_run) == (info.exit_counts, info.rows_run)
+        if isinstance(info, adaexit.ExitInfo):  # (a D2NN's own info is its Rollout: FLOPs counted otherwise)
+            assert got.rows_decided == info.rows_decided
+            assert got.flops == pytest.approx(info.flops) and got.full_flops == pytest.approx(info.full_flops)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -151,3 +156,12 @@ def test_bad_arguments():
         list(adaexit.stream(nn.Linear(2, 2), batches_of([2])))
     with pytest.raises(ValueError, match="training mode"):
         list(adaexit.stream(early_exit().train(), batches_of([2])))
+
+
+def test_a_dataloader_of_inputs_and_labels_gets_a_message_saying_what_to_do():
+    """Issue 22: stream(model, loader) with a DataLoader of (x, y) says to pass the inputs only."""
+    model = early_exit()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(randn_inputs(8, DIM), torch.zeros(8)), batch_size=4)
+    with pytest.raises(ValueError, match=r"stream: batch 0 is a list of 2 items.*\(inputs, labels\).*x for x, _ in loader"):
+        list(adaexit.stream(model, loader))
+    assert len(list(adaexit.stream(model, (x for x, _ in loader)))) == 2

@@ -18,10 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from adaexit import ConfidencePolicy, wrap
-from adaexit.kernels import exit_gate_torch
 from adaexit.wrappers import candidate_exits, pick_exits
-from helpers import first_exit
+from helpers import check_wrap, median_threshold
 
 torchvision = pytest.importorskip("torchvision", reason="the torchvision sweep needs torchvision")
 M = torchvision.models
@@ -119,40 +117,13 @@ def exits_for(name: str, model, x) -> list[str]:
     return known if known is not None else pick_exits(candidate_exits(model, x))  # a builder added later
 
 
-def median_threshold(scores: torch.Tensor) -> float:
-    """A threshold at the median score, placed in the widest gap between the middle scores, so that the
-    rounding of a sub-batch cannot move a row across it."""
-    s = torch.sort(scores.double()).values
-    n = s.shape[0]
-    # between rows j and j + 1 of the sorted scores; j = n // 2 - 1 splits them in halves
-    j = max(range(n // 2 - 2, n // 2 + 1), key=lambda i: float(s[i + 1] - s[i]) if 0 <= i < n - 1 else -1.0)
-    return float((s[j] + s[j + 1]) / 2)
-
-
 def check(name: str) -> dict:
     """Wrap one builder; assert never-exit equality and per-row routing. Returns what it saw."""
     torch.manual_seed(0)
     model = build(name).eval()
     px = input_px(name)
     x = torch.randn(BATCH, 3, px, px, generator=torch.Generator().manual_seed(1))
-    exits = exits_for(name, model, x[:1])
-    wrapped = wrap(model, exits=exits, example_input=x[:1]).eval()
-    with torch.no_grad():
-        reference = model(x)
-        assert torch.equal(wrapped(x), reference), f"{name}: never-exit output differs from the model's"
-        dense = wrapped.exit_logits(x)
-    assert torch.equal(dense[-1], reference)
-    scores = torch.stack([exit_gate_torch(z.float(), None)[1] for z in dense])
-    thresholds = [median_threshold(scores[k]) for k in range(len(exits))]
-    wrapped.set_policy(ConfidencePolicy("maxprob", thresholds))
-    with torch.no_grad():
-        out, info = wrapped(x, return_info=True)
-    want = first_exit(scores, thresholds)
-    assert torch.equal(info.exit_index, want), f"{name}: exits {info.exit_index.tolist()} != {want.tolist()}"
-    expected = torch.stack(dense)[want, torch.arange(BATCH)]
-    # sub-batches round differently from the full batch (deep models: up to ~2e-5 on a logit)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
-    return {"exits": exits, "layouts": [c.layout for c in wrapped.cuts], "exit_counts": info.exit_counts}
+    return check_wrap(name, model, x, exits_for(name, model, x[:1]))
 
 
 def parameter_count(name: str) -> int:

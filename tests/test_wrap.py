@@ -1,7 +1,7 @@
 """wrap(): existing models become early-exit models that drop into existing code.
 
 Issue 10 replaced the chain-of-children splitter with a torch.fx split at dotted module paths
-(``adaexit/wrappers/fx.py``). Tests whose behaviour did not change keep their assertions; four changed by
+(``adaexit/wrappers/fx/``). Tests whose behaviour did not change keep their assertions; four changed by
 design and say so: a residual forward now wraps at any valid cut (and names the module when a cut is
 invalid), an exit after ``layer4`` is valid (the tail is avgpool + flatten + fc), a model whose last module
 is not an ``nn.Linear`` wraps (its tail, whatever it holds, is the last exit), and head factories need
@@ -96,8 +96,8 @@ def test_wrapped_torchvision_resnet_is_a_drop_in(resnet):
 
 def test_wrapped_resnet_with_conv_heads_trains_densely():
     model = torchvision.models.resnet18(num_classes=7)
-    # head="conv" needs the widths: example_input (they used to be guessed from module attributes)
-    wrapped = wrap(model, exits=["layer2"], head="conv", example_input=torch.randn(2, 3, 32, 32)).train()
+    # a head factory needs the widths: example_input (they used to be guessed from module attributes)
+    wrapped = wrap(model, exits=["layer2"], heads=ExitHead.conv, example_input=torch.randn(2, 3, 32, 32)).train()
     outs = wrapped(torch.randn(2, 3, 32, 32))
     assert [o.shape for o in outs] == [(2, 7), (2, 7)]
     sum(o.sum() for o in outs).backward()
@@ -157,7 +157,7 @@ def test_model_without_linear_classifier():
         assert torch.equal(wrapped(x), model(x))
 
 
-def test_custom_head_factory_and_bad_head_kind():
+def test_custom_heads_factory_list_and_bad_heads():
     calls = []
 
     def factory(width, classes):
@@ -165,18 +165,27 @@ def test_custom_head_factory_and_bad_head_kind():
         return ExitHead(width, classes)
 
     x = torch.randn(2, 1, 12, 12)
-    wrap(sequential_cnn(), exits=["1"], head=factory, example_input=x)
+    wrap(sequential_cnn(), exits=["1"], heads=factory, example_input=x)
     assert calls == [(8, 10)]
-    with pytest.raises(ValueError, match="head='factory' needs each exit's width: pass example_input"):
+    mine = ExitHead(8, 10)
+    wrapped = wrap(sequential_cnn(), exits=["1"], heads=[mine])  # a list needs no widths
+    assert wrapped.exit_heads[0] is mine and wrapped.heads[0] is mine
+    with pytest.raises(ValueError, match="heads=factory .* needs each exit's width: pass example_input"):
+        wrap(sequential_cnn(), exits=["1"], heads=factory)
+    with pytest.raises(ValueError, match="heads= must be None, a list of 1 modules"):
+        wrap(sequential_cnn(), exits=["1"], heads="mlp", example_input=x)
+    with pytest.raises(ValueError, match="got 2 heads for 1 early exits"):
+        wrap(sequential_cnn(), exits=["1"], heads=[mine, ExitHead(8, 10)])
+    with pytest.raises(ValueError, match="unknown keyword head=; wrap takes heads="):
         wrap(sequential_cnn(), exits=["1"], head=factory)
-    with pytest.raises(ValueError, match="head must be one of"):
-        wrap(sequential_cnn(), exits=["1"], head="mlp", example_input=x)
+    with pytest.raises(ValueError, match="trim= is not supported for torch.fx-traced models"):
+        wrap(sequential_cnn(), exits=["1"], trim=False)
 
 
 def test_wrap_probes_do_not_touch_batchnorm_statistics():
     model = torchvision.models.resnet18(num_classes=10)  # train mode, as built
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    wrap(model, exits=["layer1"], head="conv", example_input=torch.randn(2, 3, 32, 32))
+    wrap(model, exits=["layer1"], heads=ExitHead.conv, example_input=torch.randn(2, 3, 32, 32))
     wrapped = wrap(model, exits=["layer1"])
     wrapped.exit_costs(torch.randn(2, 3, 32, 32))  # builds the heads from one row: a probe too
     after = model.state_dict()
@@ -204,8 +213,8 @@ def test_parameters_are_shared_and_registered_once(resnet):
     keys = list(wrapped.state_dict())
     own = [k for k in keys if not k.startswith("model.")]
     assert [k[len("model."):] for k in keys if k.startswith("model.")] == list(resnet.state_dict())
-    assert own == [f"exit_heads.{k}.classifier.{p}" for k in range(2) for p in ("weight", "bias")] + [
-        "policy._extra_state"]
+    assert own == ["_extra_state"] + [f"exit_heads.{k}.classifier.{p}" for k in range(2)
+                                      for p in ("weight", "bias")] + ["policy._extra_state"]
     n_heads = sum(p.numel() for p in wrapped.exit_heads.parameters())
     assert sum(p.numel() for p in wrapped.parameters()) == sum(p.numel() for p in resnet.parameters()) + n_heads
     assert {id(p) for p in wrapped.stages[1].parameters()} <= {id(p) for p in resnet.parameters()}
@@ -476,14 +485,14 @@ def test_a_convolution_producer_decides_the_layout_over_the_aspect_ratio():
 def test_callable_heads_follow_the_model_dtype():
     model = sequential_cnn().to(torch.bfloat16)
     wrapped = wrap(model, exits=["3"], example_input=torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),
-                   head=lambda width, classes: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                   heads=lambda width, classes: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                                              nn.Linear(width, classes)))
     assert wrapped.heads[0][2].weight.dtype == torch.bfloat16
     out = wrapped.train()(torch.randn(2, 1, 28, 28, dtype=torch.bfloat16))
     assert [o.dtype for o in out] == [torch.bfloat16, torch.bfloat16]
     with pytest.raises(ValueError, match="must return an nn.Module"):
         wrap(model, exits=["3"], example_input=torch.randn(1, 1, 28, 28, dtype=torch.bfloat16),
-             head=lambda width, classes: None)
+             heads=lambda width, classes: None)
 
 
 class _RootBuffer(nn.Module):
@@ -527,3 +536,120 @@ def test_pick_exits_skips_cuts_that_save_nothing_and_bad_arguments_are_named():
         wrap(sequential_cnn(), None)
     with pytest.raises(ValueError, match="example_input of shape"):
         wrap(sequential_cnn(), exits=["1"], example_input=torch.randn(1, 3, 28, 28))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved state knows its exits; state before the first batch; mode; pure prepare_input (issues 20, 22)
+# ---------------------------------------------------------------------------------------------
+def _saved(module) -> dict:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_a_model_wrapped_without_example_input_saves_before_its_first_batch():
+    torch.manual_seed(0)
+    wrapped = wrap(sequential_cnn(), exits=["1", "3"])
+    state = _saved(wrapped)  # the heads still wait for their widths: no uninitialised weights in the file
+    assert not any(k.startswith("exit_heads.") for k in state) and state["_extra_state"]["exits"] == ["1", "3"]
+    twin = wrap(sequential_cnn(), exits=["1", "3"])
+    twin.load_state_dict(state)  # strict: the waiting heads are not missing keys
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        out = wrapped(x)  # builds the heads
+    later = _saved(wrapped)
+    assert later["exit_heads.0.classifier.weight"].shape == (10, 8)
+    fresh = wrap(sequential_cnn(), exits=["1", "3"])
+    fresh.load_state_dict(later)  # the waiting heads take the saved widths and weights
+    with torch.no_grad():
+        for a, b in zip(fresh.exit_logits(x), wrapped.exit_logits(x)):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(fresh(x), out, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key.*exit_heads.0.classifier.weight"):
+        wrapped.load_state_dict(state)  # built heads cannot load a state without weights
+
+
+def test_a_state_saved_for_other_exits_is_refused_naming_both(resnet):
+    x = torch.randn(1, 3, 32, 32)
+    state = _saved(wrap(resnet, exits=["layer1", "layer2"], example_input=x))
+    other = wrap(resnet, exits=["layer2", "layer3"], example_input=x)
+    with pytest.raises(ValueError, match=r"saved for exits \['layer1', 'layer2'\].*has exits \['layer2', 'layer3'\]"):
+        other.load_state_dict(state)
+    same = wrap(resnet, exits=["layer1", "layer2"], example_input=x)
+    same.load_state_dict(state)
+    assert same.get_extra_state() == {"exits": ["layer1", "layer2"], "layouts": ["nchw", "nchw"]}
+    swin = M.swin_t(num_classes=3)
+    saved = _saved(wrap(swin, exits=["features.1"], example_input=torch.randn(1, 3, 32, 32)))
+    saved["_extra_state"] = {"exits": ["features.1"], "layouts": ["nchw"]}
+    with pytest.raises(ValueError, match="exit 'features.1' was saved with layout 'nchw', but reads 'nhwc'"):
+        wrap(swin, exits=["features.1"], example_input=torch.randn(1, 3, 32, 32)).load_state_dict(saved)
+
+
+def test_wrap_returns_a_model_in_the_mode_of_the_model():
+    x = torch.randn(3, 1, 12, 12)
+    evaluated = wrap(sequential_cnn().eval(), exits=["1"])
+    assert not evaluated.training and not any(m.training for m in evaluated.modules())
+    with torch.no_grad():
+        assert torch.equal(evaluated(x), evaluated.model(x))  # one tensor, not a list of every exit
+    trained = wrap(sequential_cnn().train(), exits=["1"], example_input=x)
+    assert trained.training and isinstance(trained(x), list)
+    mixed = sequential_cnn().train()
+    mixed[0].eval()  # a user's mixed modes survive
+    wrapped = wrap(mixed, exits=["1"], example_input=x)
+    assert wrapped.training and wrapped.exit_heads[0].training and not mixed[0].training and mixed[2].training
+
+
+def test_prepare_input_builds_nothing_and_streaming_builds_the_heads_once():
+    wrapped = wrap(sequential_cnn(), exits=["1", "3"])
+    x = torch.randn(6, 1, 12, 12)
+    assert wrapped.prepare_input(x) is x
+    assert wrapped._pending and state_is_waiting(wrapped)  # validation only
+    streamed = torch.cat(list(stream(wrapped, [x[:2], x[2:5], x[5:]], batch_size=4)))  # no forward before
+    assert not wrapped._pending and not state_is_waiting(wrapped)
+    with torch.no_grad():  # the same rows in other batches: equal to float rounding (convolutions per batch size)
+        torch.testing.assert_close(streamed, wrapped(x))
+        torch.testing.assert_close(streamed, wrapped.model(x))
+
+
+def state_is_waiting(wrapped) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in wrapped.exit_heads.parameters())
+
+
+def test_both_backends_build_the_same_shape_of_model(resnet):
+    wrapped = wrap(resnet, exits=["layer1"], example_input=torch.randn(1, 3, 32, 32))
+    assert wrapped.exits == ["layer1"] and wrapped.layouts == ["nchw"] and len(wrapped.exit_heads) == 1
+    assert dict(wrapped.named_modules())["model"] is resnet
+    assert list(wrapped.heads)[:-1] == list(wrapped.exit_heads) and len(wrapped.stages) == 2
+
+
+def test_a_bad_first_batch_is_named_when_it_builds_the_heads():
+    wrapped = wrap(sequential_cnn(), exits=["1"])
+    with pytest.raises(ValueError, match="stage 0: building the exit heads from the first batch, Sequential failed"):
+        wrapped(torch.randn(2, 3, 12, 12))  # 3 channels for a 1-channel model
+    assert wrapped._pending  # nothing was built from it: a good batch still can
+    with torch.no_grad():
+        assert wrapped(torch.randn(2, 1, 12, 12)).shape == (2, 10)
+
+
+def test_a_server_builds_the_waiting_heads_once_from_its_first_batch():
+    import threading
+
+    wrapped = wrap(sequential_cnn(), exits=["1", "3"]).eval()
+    rows = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    futures, start = [None] * 8, threading.Barrier(4)
+    with adaexit.Server(wrapped, batch_size=4, max_wait_ms=2) as server:
+        def client(i):
+            start.wait()  # four clients submit at once, before any head exists
+            for j in (i, i + 4):
+                futures[j] = server.submit(rows[j : j + 1])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out = torch.cat([f.result(timeout=60) for f in futures])
+    assert not wrapped._pending
+    with torch.no_grad():  # never-exit: the model's own output, row by row (to float rounding across batch sizes)
+        torch.testing.assert_close(out, wrapped.model(rows))

@@ -15,7 +15,8 @@ from ..policies import NeverExitPolicy, Policy
 
 
 class EANN(AdaptiveModel):
-    """A sequence of anytime networks (each an :class:`EarlyExitNet`) of increasing depth.
+    """A sequence of anytime networks (each an :class:`EarlyExitNet`, or any adaptive model whose graph is
+    a chain of exits: :meth:`~adaexit.AdaptiveModel.member_graph`) of increasing depth.
 
     The networks run in order on one executor graph: every network's first stage reads the input
     (``"source"``), its later stages read the previous stage (``"carry"``), and after a network's last
@@ -25,14 +26,18 @@ class EANN(AdaptiveModel):
     :func:`adaexit.anytime_predict`. Speedups are measured against the last (deepest) network alone.
     """
 
-    def __init__(self, networks: Sequence[EarlyExitNet], policy: Policy | None = None):
+    def __init__(self, networks: Sequence[AdaptiveModel], policy: Policy | None = None):
         super().__init__()
         networks = list(networks)
         if not networks:
             raise ValueError("EANN needs at least one network")
         for i, net in enumerate(networks):
-            if not isinstance(net, EarlyExitNet):
-                raise ValueError(f"networks[{i}] must be an EarlyExitNet, got {type(net).__name__}")
+            if not isinstance(net, AdaptiveModel):
+                raise ValueError(f"networks[{i}] must be an adaptive model (an EarlyExitNet), got {type(net).__name__}")
+            try:
+                net.member_graph()
+            except ValueError as err:
+                raise ValueError(f"networks[{i}]: {err}") from err
         self.networks = nn.ModuleList(networks)
         self.set_policy(policy or NeverExitPolicy())
 
@@ -51,18 +56,15 @@ class EANN(AdaptiveModel):
         raise AssertionError("unreachable")
 
     def graph(self) -> list[Node]:
-        """The flattened chain of nodes (global exit ``k`` = node ``k``)."""
+        """The flattened chain of nodes (global exit ``k`` = node ``k``), from each network's own graph."""
         nodes: list[Node] = []
         total = self.num_exits
         for i, net in enumerate(self.networks):
-            for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
+            for k, node in enumerate(net.member_graph()):
                 j = len(nodes)
-                nodes.append(
-                    Node(
-                        f"network {i} stage {k}", stage, head,
-                        (j + 1,) if j + 1 < total else (), SOURCE if k == 0 else CARRY,
-                    )  # fmt: skip
-                )
+                successors = (j + 1,) if j + 1 < total else ()
+                nodes.append(Node(f"network {i} {node.name}", node.module, node.head, successors,
+                                  SOURCE if k == 0 else CARRY))
         return nodes
 
     def node_members(self) -> list[int]:

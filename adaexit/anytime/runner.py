@@ -45,58 +45,21 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..base import AdaptiveModel
+from ..base import (
+    STOP_BATCH_BUDGET,
+    STOP_DEADLINE,
+    STOP_EXAMPLE_BUDGET,
+    STOP_POLICY,
+    STOP_REASONS,
+    AdaptiveModel,
+    ExitInfo,
+)
 from ..cost import sync
 from ..data import batches
-from ..executor import SOURCE, Node, execute
+from ..executor import SOURCE, Node, execute, num_rows, take_rows
 from ..kernels import compact, scatter_rows
 from ..kernels._dispatch import to_host
 from ..policies import Policy
-
-# Why a row stopped where it did (``AnytimeInfo.stop_reason``).
-STOP_POLICY = 0  # the model's policy exited it, or it reached the last exit
-STOP_BATCH_BUDGET = 1  # the batch FLOPs budget could not pay for the next exit
-STOP_EXAMPLE_BUDGET = 2  # its own FLOPs budget could not pay for the next exit
-STOP_DEADLINE = 3  # the next exit would have finished after the deadline
-STOP_REASONS = ("policy", "batch_budget", "example_budget", "deadline")
-
-
-@dataclass
-class AnytimeInfo:
-    """What one anytime prediction did.
-
-    Attributes:
-        exit_index: long ``[N]``, the exit whose prediction each row returned (its latest one).
-        exit_counts: rows that returned each exit's prediction.
-        rows_run: rows that ran each stage.
-        flops: FLOPs spent on the batch (stages run + heads evaluated); ``<= budget_flops``.
-        flops_per_row: float64 ``[N]``, FLOPs spent on each row; ``<= per_example_budget``.
-        stop_reason: long ``[N]``, index into :data:`STOP_REASONS`.
-        elapsed_ms: wall-clock time of the call (CUDA-synchronised when a deadline is set; without
-            one, host time: GPU work may still be in flight).
-        budget_flops, deadline_ms: the budgets it ran under (``None`` = none).
-    """
-
-    exit_index: torch.Tensor
-    exit_counts: list[int]
-    rows_run: list[int]
-    flops: float
-    flops_per_row: torch.Tensor
-    stop_reason: torch.Tensor
-    elapsed_ms: float
-    budget_flops: float | None = None
-    deadline_ms: float | None = None
-
-    @property
-    def deadline_met(self) -> bool:
-        return self.deadline_ms is None or self.elapsed_ms <= self.deadline_ms
-
-    @property
-    def stop_counts(self) -> dict[str, int]:
-        """Rows per stop reason."""
-        counts = torch.bincount(self.stop_reason.cpu(), minlength=len(STOP_REASONS)).tolist()
-        return dict(zip(STOP_REASONS, counts))
-
 
 def _head_logits(node: Node, h: torch.Tensor) -> torch.Tensor:
     """A head's fp32 logits, through the fused gate kernel when the head has one (as policies do)."""
@@ -185,11 +148,12 @@ class _AnytimeCall:
             return self.policy.decide(k, node.head, h, pol_state)
         except RuntimeError as err:
             raise ValueError(
-                f"exit head {k} ({node.name}) does not fit its stage's output (shape {tuple(h.shape)}): {err}"
+                f"exit head {k} ({node.name}) does not fit its stage's output "
+                f"({tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}): {err}"
             ) from err
 
     def __call__(self, k: int, node: Node, h: torch.Tensor, state: dict):
-        n, last = h.shape[0], k == len(self.nodes) - 1
+        n, last = num_rows(h), k == len(self.nodes) - 1  # h: a tensor, or rows of several (a RowBatch)
         state = dict(state)
         spent_row = state["anytime_spent"] + self.stage[k]
         self.spent += n * self.stage[k]
@@ -211,7 +175,7 @@ class _AnytimeCall:
         if last:
             self._write(state, spent_row, None)
             state["anytime_spent"] = spent_row
-            return logits, torch.zeros(n, dtype=torch.long, device=h.device), state
+            return logits, torch.zeros(n, dtype=torch.long, device=self.device), state
 
         need = self.stage[k + 1] + self.head[k + 1]  # enter a stage only if its exit is affordable too
         cont = None if exit_mask is None else ~exit_mask  # None: every row would continue
@@ -242,10 +206,10 @@ class _AnytimeCall:
             if elapsed + predict(k + 1, n) > self.deadline and elapsed + predict(k + 1, continuing()) > self.deadline:
                 batch_stop = STOP_DEADLINE
         if batch_stop is not None:
-            stopping = torch.ones(n, dtype=torch.bool, device=h.device) if cont is None else cont
-            base = torch.zeros(n, dtype=torch.long, device=h.device) if reason is None else reason
+            stopping = torch.ones(n, dtype=torch.bool, device=self.device) if cont is None else cont
+            base = torch.zeros(n, dtype=torch.long, device=self.device) if reason is None else reason
             reason = torch.where(stopping, batch_stop, base)
-            cont = torch.zeros(n, dtype=torch.bool, device=h.device)
+            cont = torch.zeros(n, dtype=torch.bool, device=self.device)
 
         if cont is None:  # no decision at this exit: all rows go on (no partition, no host sync)
             state["anytime_spent"] = spent_row
@@ -258,11 +222,12 @@ class _AnytimeCall:
                 spent_row = spent_row + self.head[k]
                 self.spent += n * self.head[k]
             else:
-                kept, h_stop = compact(budget_stop, h)  # one host sync: how many rows stop here
+                (kept,) = compact(budget_stop)  # one host sync: how many rows stop here
+                h_stop = take_rows(h, kept)
                 stopped = kept.shape[0]
                 if stopped:
                     sub = _head_logits(node, h_stop)
-                    logits = torch.zeros((n, sub.shape[1]), dtype=sub.dtype, device=h.device)
+                    logits = torch.zeros((n, sub.shape[1]), dtype=sub.dtype, device=self.device)
                     scatter_rows(logits, kept, sub)
                     spent_row = spent_row + budget_stop.to(spent_row.dtype) * self.head[k]
                     self.spent += stopped * self.head[k]
@@ -324,6 +289,7 @@ class AnytimeRunner:
         if int(repeats) < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         nodes, _ = _graph(self.model)
+        x = self.model.prepare_input(x)
         times: list[list[float]] = [[] for _ in nodes]
         for _ in range(int(repeats)):
             h = x
@@ -336,7 +302,7 @@ class AnytimeRunner:
                 times[k].append((time.perf_counter() - t0) * 1e3)
         medians = [sorted(t)[len(t) // 2] for t in times]
         for k, ms in enumerate(medians):
-            self._latency.record(k, x.shape[0], ms, replace=True)
+            self._latency.record(k, num_rows(x), ms, replace=True)
         return medians
 
     def predict(
@@ -345,10 +311,14 @@ class AnytimeRunner:
         budget_flops: float | None = None,
         deadline_ms: float | None = None,
         per_example_budget=None,
-    ) -> tuple[torch.Tensor, AnytimeInfo]:
-        """Anytime prediction of the batch ``x``; returns ``(logits [N, classes], AnytimeInfo)``.
+    ) -> tuple[torch.Tensor, ExitInfo]:
+        """Anytime prediction of the batch ``x``; returns ``(logits [N, classes], ExitInfo)``: besides what
+        every forward reports, ``flops_per_row``, ``stop_reason`` (index into :data:`STOP_REASONS`),
+        ``elapsed_ms`` (CUDA-synchronised when a deadline is set; without one, host time) and the budgets.
 
         Args:
+            x: the batch as the model takes it (a tensor; a mapping of keyword tensors for a wrapped Hugging
+                Face model).
             budget_flops: FLOPs for the whole batch; at least the first exit's cost for every row.
             deadline_ms: wall-clock deadline for the call, in milliseconds (> 0).
             per_example_budget: ``[N]`` FLOPs per row (a tensor or sequence; ``inf`` = unlimited), each
@@ -357,10 +327,9 @@ class AnytimeRunner:
         model = self.model
         if model.training:
             raise ValueError("model is in training mode: call model.eval() before anytime prediction")
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise ValueError("x must be a tensor with a batch dimension")
         nodes, policy = _graph(model)
-        n, device = x.shape[0], x.device
+        x = model.prepare_input(x)  # as the model takes it (a Hugging Face model's keyword inputs: a mapping)
+        n, device = num_rows(x), x.device
         stage, head = self.costs(x) if n else ([0.0] * len(nodes), [0.0] * len(nodes))
         first = float(stage[0] + head[0])
 
@@ -401,11 +370,14 @@ class AnytimeRunner:
         with torch.no_grad():
             logits, trace = execute(nodes, x, call, state)
         elapsed = call.now() - call.start
-        info = AnytimeInfo(
+        info = ExitInfo(
             exit_index=trace.exit_index,
             exit_counts=trace.exit_counts,
             rows_run=trace.rows_run,
+            rows_decided=trace.rows_decided,
             flops=call.spent,
+            full_flops=float(n * model.reference_cost(x, "flops")) if n else 0.0,
+            node_names=[node.name for node in nodes],
             flops_per_row=call.spent_out,
             stop_reason=call.reason_out,
             elapsed_ms=elapsed,

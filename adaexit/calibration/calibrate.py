@@ -30,6 +30,15 @@ between exits) works on the budget directly. The result keeps each family's best
 budget (:attr:`CalibrationResult.best_by_kind`, :meth:`CalibrationResult.families_table`) beside the
 oracle.
 
+The guarantee (``confidence``, default 0.9; :mod:`adaexit.calibration.guarantee` has the procedure and
+its proof): the search above runs on a random half of the calibration rows, its candidates are ordered
+from most to least conservative by the bound their new errors there would give, and tested in that order
+on the other half with exact binomial bounds (Learn-then-Test with fixed-sequence testing); the
+cheapest certified candidate is chosen. Its expected drop on new data is then within the budget with probability ``>= confidence``.
+Every reported estimate (accuracy, drop, cost) is on all the calibration rows; ``bound_pp`` beside it
+is the upper confidence bound from the test half. ``confidence=None`` picks the cheapest policy whose
+drop on all the rows is within the budget (a point estimate, biased low for the chosen policy).
+
 Any :class:`~adaexit.base.AdaptiveModel` whose exits form a chain can be calibrated (network selection
 uses its skip edges too). The search runs on one torch thread (its tensors are small); on the
 demo's 5000 rows and 3-5 exits it takes a few seconds.
@@ -44,138 +53,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+import warnings
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..base import COSTS, AdaptiveModel
-from ..evaluation import ExitOutputs, OperatingPoint, OracleResult, collect, oracle, pareto_frontier
-from ..policies import Policy, fit_learned_gates
-from ..policies.learned import decision_scores, is_history, learned_simulation, shift_gates
-from ..reports import plot_calibration
-from ..simulation import CONFIDENCE_CRITERIA, budget_losses, exit_scores, simulate, simulate_routes, softmax_statistics
-from .thresholds import ChainSearch, _pick, per_exit_thresholds, refine_thresholds, route_options, uniform_thresholds
+from ..evaluation import ExitOutputs, collect, oracle, pareto_frontier
+from ..simulation import CONFIDENCE_CRITERIA
+from .candidates import Candidates
+from .guarantee import approximate_bound, fixed_sequence, least_certifiable, risk_bound, search_budget, split_rows
+from .result import CalibrationPoint, CalibrationResult
 
 POLICY_KINDS = ("uniform", "per_exit", "learned", "selection")
 DROP_MEASURES = ("net", "new_errors")
 #: The order families are listed in (tables, plots).
 FAMILY_ORDER = ("never", "uniform", "per_exit", "learned", "selection")
-
-PER_EXIT_WEIGHTS = (0.0,) + tuple(float(w) for w in torch.logspace(-4, 1.5, 30).tolist())
-LEARNED_WEIGHTS = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0)
-SELECTION_WEIGHTS = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-
-#: One evaluated candidate policy (see :class:`adaexit.evaluation.OperatingPoint`).
-CalibrationPoint = OperatingPoint
-
-
-@dataclass
-class CalibrationResult:
-    """What :func:`calibrate` found. ``policy`` is set on the model already.
-
-    Attributes:
-        policy: the chosen policy. best: its point. points: every evaluated candidate.
-        frontier: the Pareto-optimal points (accuracy vs cost) over all kinds, sorted by cost.
-        baseline_accuracy: the last exit's accuracy on the calibration data. full_cost: the plain
-        model's cost per example. cost: ``"flops"`` or ``"latency"``. max_accuracy_drop: the budget
-        (percentage points). num_examples: calibration rows. oracle: :class:`OracleResult`.
-        best_by_kind: each candidate family's best point within the budget (``"never"``,
-        ``"uniform"``, ``"per_exit"``, ``"learned"``, ``"selection"``; families that were not tried or
-        found nothing within the budget are absent). drop: the budget's measure (``"net"`` or
-        ``"new_errors"``). seconds: wall-clock seconds of the dense pass (``"collect"``), of the
-        offline search (``"search"``; ``"search_cpu"``: its CPU seconds) and per family.
-    """
-
-    policy: Policy
-    best: CalibrationPoint
-    points: list[CalibrationPoint]
-    frontier: list[CalibrationPoint]
-    baseline_accuracy: float
-    full_cost: float
-    cost: str
-    max_accuracy_drop: float
-    num_examples: int
-    oracle: OracleResult | None = None
-    best_by_kind: dict = field(default_factory=dict)
-    drop: str = "net"
-    seconds: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """Everything as JSON-able Python values (disabled thresholds become ``null``)."""
-        return {
-            "best": self.best.to_dict(),
-            "baseline_accuracy": self.baseline_accuracy,
-            "full_cost": self.full_cost,
-            "cost": self.cost,
-            "max_accuracy_drop": self.max_accuracy_drop,
-            "num_examples": self.num_examples,
-            "oracle": None if self.oracle is None else self.oracle.to_dict(),
-            "frontier": [p.to_dict() for p in self.frontier],
-            "points": [p.to_dict() for p in self.points],
-            "best_by_kind": {k: p.to_dict() for k, p in self.best_by_kind.items()},
-            "drop": self.drop,
-            "seconds": dict(self.seconds),
-        }
-
-    def table(self) -> str:
-        """A short text table of the frontier (``*`` marks the chosen policy)."""
-        unit = "MFLOPs" if self.cost == "flops" else "ms"
-        scale = 1e-6 if self.cost == "flops" else 1.0
-        lines = [
-            f"calibration on {self.num_examples} examples, budget {self.max_accuracy_drop:g} pp, "
-            f"last-exit accuracy {100 * self.baseline_accuracy:.2f}%, full cost {self.full_cost * scale:.4g} {unit}",
-            f"  {'kind':<9} {'criterion':<9} {'acc %':>7} {'drop pp':>8} {'cost':>10} {'speedup':>8}",
-        ]
-        for p in self.frontier:
-            mark = "*" if p is self.best else " "
-            lines.append(
-                f"{mark} {p.kind:<9} {p.criterion or '':<9} {100 * p.accuracy:7.2f} {p.accuracy_drop_pp:8.2f} "
-                f"{p.cost * scale:10.4g} {p.speedup:7.2f}x"
-            )
-        if self.oracle is not None:
-            o = self.oracle
-            lines.append(
-                f"  {'oracle':<9} {'':<9} {100 * o.accuracy:7.2f} {100 * (self.baseline_accuracy - o.accuracy):8.2f} "
-                f"{o.cost * scale:10.4g} {o.speedup:7.2f}x"
-            )
-        return "\n".join(lines)
-
-    def families_table(self) -> str:
-        """Each candidate family's best policy within the budget beside the oracle: how far each method
-        is from the limit (``*`` marks the chosen policy; ``% of oracle`` = speedup / oracle speedup)."""
-        unit = "MFLOPs" if self.cost == "flops" else "ms"
-        scale = 1e-6 if self.cost == "flops" else 1.0
-        measure = "new errors" if self.drop == "new_errors" else "net drop"
-        oracle_speedup = self.oracle.speedup if self.oracle is not None else math.nan
-        lines = [
-            f"best policy per family within {self.max_accuracy_drop:g} pp ({measure}) on {self.num_examples} "
-            f"examples",
-            f"  {'family':<10} {'criterion':<9} {'acc %':>7} {'drop pp':>8} {'new err pp':>10} {'cost':>10} "
-            f"{'speedup':>8} {'% of oracle':>11}",
-        ]
-        for kind, p in self.best_by_kind.items():
-            mark = "*" if p is self.best else " "
-            share = 100 * p.speedup / oracle_speedup if math.isfinite(oracle_speedup) else math.nan
-            lines.append(
-                f"{mark} {kind:<10} {p.criterion or '':<9} {100 * p.accuracy:7.2f} {p.accuracy_drop_pp:8.2f} "
-                f"{p.new_errors_pp:10.2f} {p.cost * scale:10.4g} {p.speedup:7.2f}x {share:10.1f}%"
-            )
-        if self.oracle is not None:
-            o = self.oracle
-            lines.append(
-                f"  {'oracle':<10} {'':<9} {100 * o.accuracy:7.2f} "
-                f"{100 * (self.baseline_accuracy - o.accuracy):8.2f} {'':>10} {o.cost * scale:10.4g} "
-                f"{o.speedup:7.2f}x {100.0:10.1f}%"
-            )
-        lines.append(f"  cost unit: {unit}")
-        return "\n".join(lines)
-
-    def plot(self, path, oracle: bool = True):
-        """Save a PNG: accuracy vs speedup, the Pareto frontier of each policy kind, the chosen point,
-        the last-exit (plain model) point and, if ``oracle``, the oracle point. Returns ``path``."""
-        return plot_calibration(self, path, oracle=oracle)
 
 
 def collect_exit_logits(model: AdaptiveModel, data, cost: str = "flops", progress: bool = True, batch_size: int = 256):
@@ -185,224 +78,9 @@ def collect_exit_logits(model: AdaptiveModel, data, cost: str = "flops", progres
     return out.logits, out.labels, out.stage_costs, out.head_costs, out.reference_cost
 
 
-def _allowed_count(budget_pp: float, n: int) -> int:
-    """The largest number of rows whose share ``100 * a / n`` stays within ``budget_pp`` (+1e-9, the
-    tolerance of the feasibility test)."""
-    a = int(math.floor((budget_pp + 1e-9) * n / 100.0))
-    while 100.0 * (a + 1) / n <= budget_pp + 1e-9:
-        a += 1
-    while a > 0 and 100.0 * a / n > budget_pp + 1e-9:
-        a -= 1
-    return max(a, 0)
-
-
-class _Candidates:
-    """The candidates of one calibration: exact simulation of each, on the dense exit outputs."""
-
-    def __init__(self, outputs, drop: str, budget: float, successors, members):
-        self.outputs = outputs
-        self.stack, self.labels = outputs.logits, outputs.labels
-        self.stage_costs, self.head_costs = outputs.stage_costs, outputs.head_costs
-        self.full = outputs.reference_cost
-        self.k_exits, self.n, _ = self.stack.shape
-        self.correct = self.stack.argmax(dim=2) == self.labels
-        self.base_right = int(self.correct[-1].sum())
-        self.drop = drop
-        # what the budget bounds, per row and exit: the objective every search minimises with it
-        self.losses = budget_losses(self.correct, drop)
-        allowed = _allowed_count(budget, self.n)
-        self.max_loss = float(allowed + (self.n - self.base_right if drop == "net" else 0))
-        self.successors = [tuple(s) for s in successors]
-        self.members = members
-        self.points: list[CalibrationPoint] = []
-        self.seen: set = set()
-        self.score_cache: dict = {}
-        self.stats = None  # the exits' softmax statistics, for the learned family
-
-    def scores(self, criterion):
-        if criterion not in self.score_cache:
-            self.score_cache[criterion] = exit_scores(self.stack, criterion)
-        return self.score_cache[criterion]
-
-    def measured(self, p: CalibrationPoint) -> float:
-        return p.accuracy_drop_pp if self.drop == "net" else p.new_errors_pp
-
-    def add_simulation(self, sim, kind, criterion=None, thresholds=None, gates=None, mu=None, policy=None):
-        n = self.n
-        got = self.correct[sim.exit_index, torch.arange(n)]
-        right = int(got.sum())
-        p = CalibrationPoint(
-            kind=kind, criterion=criterion,
-            thresholds=None if thresholds is None else [float(t) for t in thresholds],
-            gates=None if gates is None else [None if g is None else list(g) for g in gates],
-            cost_weight=mu, accuracy=right / n,
-            accuracy_drop_pp=100.0 * (self.base_right - right) / n,  # from integer counts: no rounding noise
-            cost=sim.cost, speedup=self.full / sim.cost if sim.cost else math.inf,
-            exit_counts=sim.exit_counts,
-            new_errors_pp=100.0 * int((self.correct[-1] & ~got).sum()) / n,
-            policy_object=policy,
-        )  # fmt: skip
-        self.points.append(p)
-        return p
-
-    def add_thresholds(self, kind, criterion, scores, thresholds, mu=None):
-        key = (kind, criterion, tuple(float(t) if t <= 1.0 else math.inf for t in thresholds))
-        if key in self.seen:
-            return None
-        self.seen.add(key)
-        sim = simulate(scores, thresholds, self.correct, self.stage_costs, self.head_costs)
-        return self.add_simulation(sim, kind, criterion, thresholds=thresholds, mu=mu)
-
-    def add_gates(self, gates, mu=None):
-        key = ("learned", tuple(None if g is None else tuple(g) for g in gates))
-        if key in self.seen:
-            return None
-        self.seen.add(key)
-        sim = learned_simulation(self.stack, gates, self.correct, self.stage_costs, self.head_costs, self.stats)
-        return self.add_simulation(sim, "learned", None, gates=gates, mu=mu)
-
-    def feasible(self, p) -> bool:
-        return p is not None and self.measured(p) <= self.budget_pp + 1e-9
-
-    # -- the families ----------------------------------------------------------------------------
-    def uniform(self, criterion, record: bool = True):
-        """Every shared threshold; returns the best feasible one (``None`` if none is)."""
-        scores = self.scores(criterion)
-        search = ChainSearch(scores, self.losses, self.stage_costs, self.head_costs)
-        best = None
-        for t in uniform_thresholds(scores):
-            thresholds = [t] * (self.k_exits - 1)
-            if record:
-                self.add_thresholds("uniform", criterion, scores, thresholds)
-            loss, cost = search.evaluate(thresholds)
-            if loss <= self.max_loss + 1e-9 and (best is None or (cost, loss) < best[:2]):
-                best = (cost, loss, thresholds)
-        return None if best is None else best[2]
-
-    def refine(self, search, starts, finish, pairs: bool = True):
-        """The exact constrained refinement: one threshold at a time from every start (``finish(t)``
-        adds the point), then from the best of those with pair moves too. Returns the best
-        ``(cost, loss, thresholds)`` found, or ``None`` if no start is feasible."""
-        best = None
-        for start in starts:
-            if search.evaluate(start)[0] > self.max_loss + 1e-9:
-                continue  # (a learned start whose float32 boundary moved a row)
-            thresholds, loss, cost = refine_thresholds(search, start, self.max_loss, pairs=False)
-            finish(thresholds)
-            if best is None or (cost, loss) < best[:2]:
-                best = (cost, loss, thresholds)
-        if best is not None and pairs:
-            thresholds, loss, cost = refine_thresholds(search, best[2], self.max_loss)
-            if thresholds != best[2]:
-                finish(thresholds)
-                best = (cost, loss, thresholds)
-        return best
-
-    def per_exit(self, criterion, uniform_start, pairs: bool = True):
-        """The Lagrangian sweep (bottom-up + coordinate passes), then the exact constrained refinement
-        started from the best uniform policy and from the best swept one. Returns the refinement's
-        ``(cost, loss, thresholds)`` and a function running the pair moves from it."""
-        scores = self.scores(criterion)
-        search = ChainSearch(scores, self.losses, self.stage_costs, self.head_costs)
-        starts = [] if uniform_start is None else [uniform_start]
-        best = None
-        for mu in PER_EXIT_WEIGHTS:
-            thresholds = per_exit_thresholds(scores, self.losses, self.stage_costs, self.head_costs, mu)
-            self.add_thresholds("per_exit", criterion, scores, thresholds, mu=mu)
-            loss, cost = search.evaluate(thresholds)
-            if loss <= self.max_loss + 1e-9 and (best is None or (cost, loss) < best[:2]):
-                best = (cost, loss, thresholds)
-        if best is not None and best[2] not in starts:
-            starts.append(best[2])
-
-        def finish(thresholds):
-            self.add_thresholds("per_exit", criterion, scores, thresholds)
-
-        found = self.refine(search, starts, finish, pairs=False)
-        return found, (lambda: self.refine(search, [found[2]], finish)) if found is not None else None
-
-    def learned(self):
-        """Bolukbasi's gates over the ``mu`` sweep (stats gates, and history gates where the model has
-        3+ exits), then the offsets of the best feasible ones refined exactly within the budget."""
-        features = ("stats", "history") if self.k_exits >= 3 else ("stats",)
-        self.stats = [softmax_statistics(z) for z in self.stack]
-        for feats in features:
-            fitted = []
-            for mu in LEARNED_WEIGHTS:
-                gates = fit_learned_gates(self.stack, self.labels, self.stage_costs, self.head_costs, mu,
-                                          loss=self.losses, features=feats, statistics=self.stats)
-                p = self.add_gates(gates, mu)
-                if self.feasible(p):
-                    fitted.append((p.cost, -p.accuracy, mu, gates))
-            if not fitted:
-                continue
-            _, _, mu, gates = min(fitted, key=lambda f: f[:2])
-            scores = decision_scores(self.stack, gates, self.stats)
-            read = [k + 1 < len(gates) and is_history(gates[k + 1]) for k in range(len(gates))] + [True]
-            search = ChainSearch(scores, self.losses, self.stage_costs, self.head_costs, bounded=False,
-                                 always_head=read)
-            start = [0.0 if g is not None else math.inf for g in gates]
-            self.refine(search, [start], lambda t, gates=gates, mu=mu: self.add_gates(shift_gates(gates, t), mu))
-
-    def selection(self, model):
-        from ..cascade.policies import NetworkSelectionPolicy
-
-        fitted = []
-        for lam in SELECTION_WEIGHTS:
-            policy = NetworkSelectionPolicy().fit(model, self.outputs, lam, loss=self.losses)
-            p = self.add_routes(policy, lam)
-            if self.feasible(p):
-                fitted.append((p.cost, -p.accuracy, lam, policy))
-        if not fitted:
-            return
-        # the best feasible one's exit and skip decisions, moved exactly within the budget
-        _, _, lam, policy = min(fitted, key=lambda f: f[:2])
-        self.refine_selection(policy, lam)
-
-    def refine_selection(self, policy, lam, rounds: int = 4):
-        """Alternate the exact refinement of every node's exit offset (the skip decisions fixed) with
-        an exact search of each skip offset (the exits fixed), while the cost falls."""
-        m = policy.margins(self.stack)
-        k_minus = self.k_exits - 1
-        skippers = [k for k in range(k_minus) if bool(torch.isfinite(m["skip"][k]).any())]
-        # from the fitted skips, and from none (a chain on the fitted exit margins), then skips added
-        for start_skips in ([0.0] * k_minus, [math.inf] * k_minus):
-            self._refine_selection(policy, lam, m, skippers, start_skips, rounds)
-
-    def _refine_selection(self, policy, lam, m, skippers, start_skips, rounds):
-        k_minus = self.k_exits - 1
-        exits = torch.cat([m["exit"], torch.zeros(1, self.n)])
-        t, u = [0.0] * k_minus, list(start_skips)
-
-        def targets():
-            return [torch.where(m["skip"][k] > u[k], m["skip_to"][k], m["next"][k]) for k in range(k_minus)]
-
-        def finish(thresholds, skips):
-            self.add_routes(policy.with_offsets(thresholds, skips), lam)
-
-        search = ChainSearch(exits, self.losses, self.stage_costs, self.head_costs, bounded=False,
-                             always_head=[True] * self.k_exits, cont_to=targets())
-        if search.evaluate(t)[0] > self.max_loss + 1e-9:
-            t = [math.inf] * k_minus  # never exit: always within the budget
-        loss, cost = search.evaluate(t)
-        for _ in range(rounds):
-            found = self.refine(search, [t], lambda th: finish(th, u))
-            t, loss, cost = found[2], found[1], found[0]
-            moved = False
-            for k in skippers:
-                c = _pick(*route_options(search, k, t, m["skip"][k], m["skip_to"][k], m["next"][k]),
-                          self.max_loss)
-                if c is not None and (c[2] < cost - 1e-12 * max(1.0, cost) or (c[2] <= cost and c[1] < loss)):
-                    u[k], loss, cost, moved = c[0], c[1], c[2], True
-                    search.cont_to[k] = np.asarray(targets()[k])
-                    finish(t, u)
-            if not moved:
-                break
-
-    def add_routes(self, policy, lam):
-        sim = simulate_routes(policy.routes(self.stack), self.successors, self.correct,
-                              self.stage_costs, self.head_costs)
-        return self.add_simulation(sim, "selection", None, mu=lam, policy=policy)
+class CalibrationWarning(UserWarning):
+    """:func:`calibrate` could not do what was asked (a model at chance, a budget no policy meets at the
+    confidence) and fell back to the never-exit policy."""
 
 
 def calibrate(
@@ -415,6 +93,7 @@ def calibrate(
     progress: bool = True,
     batch_size: int = 256,
     drop: str = "net",
+    confidence: float | None = 0.9,
 ) -> CalibrationResult:
     """Choose and set the policy with the least expected cost whose accuracy drop is within budget.
 
@@ -424,19 +103,31 @@ def calibrate(
         data: a DataLoader / iterable of ``(x, y)`` batches, or a tuple ``(x, y)`` of tensors (split into
             batches of ``batch_size``), or this model's :class:`~adaexit.evaluation.ExitOutputs` on the
             calibration data, already collected with ``cost`` (:func:`adaexit.evaluation.collect`).
-        max_accuracy_drop: the budget, in percentage points below the last exit's accuracy on ``data``.
+            Labels are required.
+        max_accuracy_drop: the budget, in percentage points below the last exit's accuracy.
         cost: ``"flops"`` or ``"latency"`` (``model.exit_costs``).
         criteria: confidence criteria for the threshold candidates.
         policies: candidate kinds among ``"uniform"``, ``"per_exit"``, ``"learned"``, ``"selection"``
             (network selection; tried only on models where a row may skip a node); the never-exit policy
             (drop 0) is always a candidate, so a policy is always found.
         progress: show tqdm progress bars.
+        batch_size: rows per dense forward when collecting the exit logits.
         drop: what the budget bounds. ``"net"``: last-exit accuracy minus the policy's accuracy.
             ``"new_errors"``: the examples the last exit gets right and the policy gets wrong, ignoring
-            those an early exit fixes by luck. The net rule lets the search collect such lucky fixes on
-            the calibration data, which need not recur on new data; ``"new_errors"`` is the
-            conservative choice when the calibration set is small or easier than deployment data.
-            Every search minimises cost against this same measure.
+            those an early exit fixes by luck (a stricter measure: new errors >= net drop). Every search
+            minimises cost against this same measure.
+        confidence: the probability, over the draw of the calibration data, that the chosen policy's
+            expected ``drop`` on new data from the same distribution is within the budget (default
+            0.9). Learn-then-Test with fixed-sequence testing (:mod:`adaexit.calibration.guarantee`):
+            the search runs on half of the rows, its candidates are tested on the other half with exact
+            binomial bounds, the cheapest certified one is chosen. ``None``: no guarantee, the cheapest
+            policy whose drop on all the calibration rows is within the budget (a point estimate,
+            biased low for the chosen policy: the best of many candidates on one sample looks better
+            than it is).
+
+    Warns (:class:`CalibrationWarning`, also kept in ``result.warnings``) and falls back to the
+    never-exit policy when the last exit is no better than chance on the data, or when no early-exit
+    policy is certified at the confidence (the budget is too small for the number of rows).
 
     Returns a :class:`CalibrationResult`; the model's policy is set to ``result.policy``.
     """
@@ -462,6 +153,9 @@ def calibrate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if drop not in DROP_MEASURES:
         raise ValueError(f"drop must be one of {DROP_MEASURES}, got {drop!r}")
+    if confidence is not None and not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1 (e.g. 0.9), or be None for no guarantee; "
+                         f"got {confidence}")
 
     started = time.perf_counter()
     if isinstance(data, ExitOutputs):  # already collected (on this model, with this cost)
@@ -472,8 +166,15 @@ def calibrate(
         outputs = collect(model, data, cost, progress, int(batch_size), desc="calibrate: exit logits")
     collected = time.perf_counter()
     cpu = time.process_time()
+    settings = dict(budget=budget, cost=cost, criteria=criteria, policies=policies, progress=progress, drop=drop)
     with _one_thread():
-        return _search(model, outputs, budget, cost, criteria, policies, progress, drop, started, collected, cpu)
+        result = _search(model, outputs, settings, None if confidence is None else float(confidence))
+    result.seconds["collect"] = collected - started
+    result.seconds["search"] = time.perf_counter() - collected
+    result.seconds["search_cpu"] = time.process_time() - cpu  # CPU seconds: what the search costs on an idle core
+    for message in result.warnings:
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
+    return result
 
 
 @contextlib.contextmanager
@@ -488,71 +189,188 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _search(model, outputs, budget, cost, criteria, policies, progress, drop, started, collected, cpu):
+def _generate(model, outputs, budget, settings, seconds) -> Candidates:
+    """Run every candidate family's search on ``outputs`` against ``budget``; returns the candidates."""
     from tqdm.auto import tqdm
 
-    cands = _Candidates(outputs, drop, budget, model.successors, model.node_members())
+    criteria, policies, drop = settings["criteria"], settings["policies"], settings["drop"]
+    cands = Candidates(outputs, drop, budget, model.successors, model.node_members())
     cands.budget_pp = budget
-    k_exits, n = cands.k_exits, cands.n
+    cands.add_thresholds("never", None, torch.zeros(cands.k_exits, cands.n), [math.inf] * (cands.k_exits - 1))
+    if cands.k_exits == 1:
+        return cands
+    jobs = [("thresholds", criterion) for criterion in criteria if "uniform" in policies or "per_exit" in policies]
+    if "learned" in policies:
+        jobs.append(("learned", None))
+    if "selection" in policies and any(len(s) > 1 for s in cands.successors):
+        jobs.append(("selection", None))
+    refined = []
+    for job, criterion in tqdm(jobs, desc="calibrate: candidates", disable=not settings["progress"], leave=False):
+        t0 = time.perf_counter()
+        if job == "thresholds":
+            start = cands.uniform(criterion, record="uniform" in policies)
+            if "per_exit" in policies:
+                found, pairs = cands.per_exit(criterion, start)
+                if found is not None:
+                    refined.append((found[0], found[1], criterion, pairs))
+        elif job == "learned":
+            cands.learned()
+        else:
+            cands.selection(model)
+        seconds[job] = seconds.get(job, 0.0) + time.perf_counter() - t0
+    if refined:  # pair moves from the best per-exit policy over the criteria
+        t0 = time.perf_counter()
+        min(refined, key=lambda r: r[:2])[3]()
+        seconds["thresholds"] += time.perf_counter() - t0
+    return cands
 
-    never = [math.inf] * (k_exits - 1)
-    cands.add_thresholds("never", None, torch.zeros(k_exits, n), never)
-    seconds: dict = {}
-    if k_exits > 1:
-        jobs = [("thresholds", criterion) for criterion in criteria
-                if "uniform" in policies or "per_exit" in policies]
-        if "learned" in policies:
-            jobs.append(("learned", None))
-        skips = any(len(s) > 1 for s in cands.successors)
-        if "selection" in policies and skips:
-            jobs.append(("selection", None))
-        refined = []
-        for job, criterion in tqdm(jobs, desc="calibrate: candidates", disable=not progress, leave=False):
-            t0 = time.perf_counter()
-            if job == "thresholds":
-                start = cands.uniform(criterion, record="uniform" in policies)
-                if "per_exit" in policies:
-                    found, pairs = cands.per_exit(criterion, start)
-                    if found is not None:
-                        refined.append((found[0], found[1], criterion, pairs))
-            elif job == "learned":
-                cands.learned()
-            else:
-                cands.selection(model)
-            key = "thresholds" if job == "thresholds" else job
-            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-        if refined:  # pair moves from the best per-exit policy over the criteria
-            t0 = time.perf_counter()
-            min(refined, key=lambda r: r[:2])[3]()
-            seconds["thresholds"] += time.perf_counter() - t0
 
-    points = cands.points
-    # the never-exit point has drop 0, so a feasible candidate always exists
-    feasible = [p for p in points if cands.measured(p) <= budget + 1e-9]
+def _cheapest(points):
+    """The cheapest point (ties: the more accurate) and the cheapest of each family, in FAMILY_ORDER."""
     order = lambda p: (p.cost, -p.accuracy)  # noqa: E731
-    best = min(feasible, key=order)
     by_kind: dict = {}
-    for p in feasible:
+    for p in points:
         if p.kind not in by_kind or order(p) < order(by_kind[p.kind]):
             by_kind[p.kind] = p
+    return min(points, key=order), {k: by_kind[k] for k in FAMILY_ORDER if k in by_kind}
+
+
+def _search(model, outputs, settings, confidence) -> CalibrationResult:
+    budget, drop = settings["budget"], settings["drop"]
+    seconds: dict = {}
+    notes: list[str] = []
+    if confidence is None:
+        full = _generate(model, outputs, budget, settings, seconds)
+        points = full.points
+        allowed = [p for p in points if full.measured(p) <= budget + 1e-9]  # never-exit (drop 0) is always in
+        n_search = n_test = None
+    else:
+        full, points, allowed, n_search, n_test = _risk_controlled(model, outputs, settings, confidence, seconds,
+                                                                   notes)
+    never = next(p for p in points if p.kind == "never")
+    best, by_kind = _cheapest(allowed)
+    n, classes = full.n, full.stack.shape[2]
+    chance = max(1.0 / classes, float(torch.bincount(full.labels, minlength=classes).max()) / n)
+    if full.base_right / n <= chance + 1e-12 and best is not never:
+        notes.append(f"the model's last exit is no better than chance on the calibration data "
+                     f"({100 * full.base_right / n:.2f}% correct; chance: {100 * chance:.2f}%, the most frequent "
+                     f"class): exits cannot be calibrated against it, so the never-exit policy is kept. Train "
+                     f"the model, or check that the labels match the inputs")
+        best, by_kind = never, {"never": never}
     policy = best.policy()
     model.set_policy(policy)
-    seconds["collect"] = collected - started
-    seconds["search"] = time.perf_counter() - collected
-    seconds["search_cpu"] = time.process_time() - cpu  # CPU seconds: what the search costs on an idle core
     return CalibrationResult(
         policy=policy,
         best=best,
         points=points,
         frontier=pareto_frontier(points),
-        baseline_accuracy=cands.base_right / n,
-        full_cost=cands.full,
-        cost=cost,
+        baseline_accuracy=full.base_right / n,
+        full_cost=full.full,
+        cost=settings["cost"],
         max_accuracy_drop=budget,
         num_examples=n,
-        oracle=oracle(cands.stack, cands.labels, cands.stage_costs, cands.head_costs, reference_cost=cands.full,
-                      members=cands.members),
-        best_by_kind={k: by_kind[k] for k in FAMILY_ORDER if k in by_kind},
+        oracle=oracle(full.stack, full.labels, full.stage_costs, full.head_costs, reference_cost=full.full,
+                      members=full.members),
+        best_by_kind=by_kind,
         drop=drop,
         seconds=seconds,
+        confidence=confidence,
+        search_examples=n_search,
+        test_examples=n_test,
+        warnings=notes,
     )
+
+
+def _risk_controlled(model, outputs, settings, confidence, seconds, notes):
+    """Learn-then-Test with fixed-sequence testing (:mod:`.guarantee`): search on one half of the rows,
+    test the search half's frontier, most conservative first, on the other half. Returns the candidates
+    on all rows (``full``), every point re-evaluated on all rows, the certified ones (and never-exit),
+    and the two halves' sizes."""
+    budget, drop = settings["budget"], settings["drop"]
+    delta, alpha = 1.0 - confidence, settings["budget"] / 100.0
+    search_rows, test_rows = split_rows(outputs.labels.shape[0])
+    n_search, n_test = len(search_rows), len(test_rows)
+    if n_search == 0 or n_test == 0:
+        raise ValueError(f"confidence needs at least 2 calibration rows (half search, half test), got "
+                         f"{outputs.labels.shape[0]}; pass confidence=None for a point estimate")
+    search_outputs, test_outputs = outputs.rows(search_rows), outputs.rows(test_rows)
+    # the search aims where a candidate can be certified on the test half, and half-way to the budget
+    aim = search_budget(budget, n_test, drop, delta)
+    found, seen = [], {}
+    for target in sorted({aim, 0.5 * (aim + budget)}):
+        cands = _generate(model, search_outputs, target, settings, seconds)
+        for p in cands.points:
+            key = _key(p)
+            if key not in seen:
+                seen[key] = len(found)
+                found.append((p, approximate_bound(cands.counts(p)[0], 0, n_search, "new_errors", delta)))
+    # the test order, fixed before the test half is read: the search half's frontier of the (approximate)
+    # bound of the new-error rate vs cost, from the smallest bound (the most conservative) up. New errors,
+    # not the net drop, for both rules: fixes are what the search half overfits (it keeps the policies
+    # that were lucky there), and one such candidate early in the order ends the whole sequence.
+    sequence, cheapest = [], math.inf
+    for i in sorted(range(len(found)), key=lambda i: (found[i][1], found[i][0].cost)):
+        p, _ = found[i]
+        if p.kind != "never" and p.cost < cheapest:
+            sequence.append(i)
+            cheapest = p.cost
+    full = Candidates(outputs, drop, budget, model.successors, model.node_members())
+    test = Candidates(test_outputs, drop, budget, model.successors, model.node_members())
+    points = [full.replay(p) for p, _ in found]
+    bounds = {}
+
+    def bound(i):
+        if i not in bounds:
+            new, fixes = test.counts(test.replay(found[i][0]))
+            bounds[i] = risk_bound(new, fixes, n_test, drop, delta)
+            points[i].bound_pp = 100.0 * bounds[i]
+        return bounds[i]
+
+    certified = fixed_sequence((bound(i) for i in sequence), alpha)  # lazily: stops at the first failure
+    accepted = set(sequence[:certified])
+    for i, p in enumerate(points):
+        p.certified = i in accepted or p.kind == "never"
+    shown = {id(p) for p in pareto_frontier(points)}
+    for i, p in enumerate(points):  # bounds beside the estimates where the tables show them
+        if id(p) in shown and p.kind != "never":
+            bound(i)
+    if not accepted and sequence:
+        floor = least_certifiable(n_test, drop, delta)
+        needed = _rows_needed(alpha, drop, delta)
+        if floor <= alpha:
+            why = f"the most conservative candidate's bound is {100 * bound(sequence[0]):.2f} pp"
+        elif needed is None:
+            why = "a budget of 0 pp can only be certified for the never-exit policy"
+        else:
+            why = (f"with {n_test} test rows no policy that exits can be certified below {100 * floor:.2f} pp; "
+                   f"about {needed} calibration rows would be needed")
+        measure = "new errors" if drop == "new_errors" else "net drop"
+        notes.append(f"no early-exit policy meets the {budget:g} pp budget ({measure}) at confidence "
+                     f"{confidence:g} ({why}); the never-exit policy is kept. A larger budget, more calibration "
+                     f"data or a lower confidence would allow exits")
+    allowed = [points[i] for i in accepted] + [p for p in points if p.kind == "never"]
+    return full, points, allowed, n_search, n_test
+
+
+def _rows_needed(alpha: float, drop: str, delta: float) -> int | None:
+    """Calibration rows (both halves) for a policy with no new errors to be certified within ``alpha``
+    (``None`` if no number is enough: a budget of 0)."""
+    if alpha <= 0:
+        return None
+    n = 2
+    while least_certifiable(n, drop, delta) > alpha:
+        n *= 2
+    lo, hi = n // 2, n
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if least_certifiable(mid, drop, delta) <= alpha else (mid, hi)
+    return 2 * hi
+
+
+def _key(p: CalibrationPoint):
+    """What identifies a candidate's policy (two searches may find the same one)."""
+    if p.policy_object is not None:
+        return ("object", id(p.policy_object))
+    gates = None if p.gates is None else tuple(None if g is None else tuple(g) for g in p.gates)
+    thresholds = None if p.thresholds is None else tuple(p.thresholds)
+    return (p.kind, p.criterion, thresholds, gates)

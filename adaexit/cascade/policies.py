@@ -315,15 +315,16 @@ class NetworkSelectionPolicy(RoutingPolicy):
                 (weight * F.cross_entropy(classifier(feats), target, reduction="none")).sum().backward()
                 optimizer.step()
 
-    def get_extra_state(self):
+    def settings(self) -> dict:
+        """Saved with the model (tagged with the class, so a freshly built model restores this policy:
+        the classifiers' shapes follow from these settings and the graph)."""
         return {"hidden": self.hidden, "top_k": self.top_k, "lam": self.lam,
                 "exit_offsets": list(self.exit_offsets), "skip_offsets": list(self.skip_offsets)}
 
-    def set_extra_state(self, state):
-        self.hidden, self.top_k, self.lam = int(state["hidden"]), int(state["top_k"]), state["lam"]
-        # states saved before the offsets existed: zero offsets (the classifiers' argmax)
-        self.exit_offsets = [float(t) for t in state.get("exit_offsets", [])]
-        self.skip_offsets = [float(u) for u in state.get("skip_offsets", [])]
+    def load_settings(self, settings: dict) -> None:
+        self.hidden, self.top_k, self.lam = int(settings["hidden"]), int(settings["top_k"]), settings["lam"]
+        self.exit_offsets = [float(t) for t in settings["exit_offsets"]]
+        self.skip_offsets = [float(u) for u in settings["skip_offsets"]]
 
     def extra_repr(self) -> str:
         extra = ""
@@ -413,11 +414,12 @@ class SelectorPolicy(Policy):
             return logits, torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device), state
         return logits, self.exit_probability(k, logits) >= self.threshold, state  # NaN never exits
 
-    def get_extra_state(self):
+    def settings(self) -> dict:
         return {"hidden": self.hidden, "top_k": self.top_k, "threshold": self.threshold}
 
-    def set_extra_state(self, state):
-        self.hidden, self.top_k, self.threshold = int(state["hidden"]), int(state["top_k"]), float(state["threshold"])
+    def load_settings(self, settings: dict) -> None:
+        self.hidden, self.top_k = int(settings["hidden"]), int(settings["top_k"])
+        self.threshold = float(settings["threshold"])
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, top_k={self.top_k}, threshold={self.threshold}"

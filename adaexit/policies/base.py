@@ -82,9 +82,10 @@ class Policy(nn.Module):
         raise NotImplementedError
 
     def decide_route(self, k: int, head: nn.Module, h: torch.Tensor, state: dict):
-        """The executor's interface: ``(logits, route, state)`` with route 0 = exit, 1 = continue."""
+        """The executor's interface: ``(logits, route, state)`` with route 0 = exit, 1 = continue (a bool
+        route: ``True`` = continue; one op, no dtype conversion)."""
         logits, exit_mask, state = self.decide(k, head, h, state)
-        return logits, None if exit_mask is None else (~exit_mask).long(), state
+        return logits, None if exit_mask is None else ~exit_mask, state
 
     def _is_last(self, k: int) -> bool:
         return self.num_exits is not None and k == self.num_exits - 1

@@ -42,9 +42,7 @@ class ConfidencePolicy(Policy):
     def decide(self, k, head, h, state):
         threshold = -math.inf if self._is_last(k) else self.thresholds[k]
         logits, _, exit_mask = head.gate(h, self.criterion, threshold)
-        if self._is_last(k):
-            exit_mask = torch.ones_like(exit_mask)
-        return logits, exit_mask, state
+        return logits, None if self._is_last(k) else exit_mask, state  # the last exit: no decision to make
 
     def settings(self):
         return {"criterion": self.criterion, "thresholds": list(self.thresholds)}

@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..base import AdaptiveModel
+from ..base import AdaptiveModel, ExitInfo
 from ..cost import count_flops
 from ..executor import SOURCE, Node, execute, validate_graph
 from ..heads import mean_pool
@@ -81,6 +81,7 @@ class Rollout:
         cost: ``[N]`` FLOPs spent on the row divided by the most expensive path's FLOPs.
         exit_index: ``[N]`` the node whose prediction each row returned.
         exit_counts, rows_run: per node, rows that exited there / ran its module.
+        rows_decided: per node, rows its controller decided on.
         flops: FLOPs spent on the batch; ``max_flops``: the most expensive path's FLOPs times ``N``.
         entropy: ``[N]`` summed entropy of the controller distributions the row met (sampled rollouts).
     """
@@ -94,6 +95,7 @@ class Rollout:
     flops: float
     max_flops: float
     entropy: torch.Tensor | None = None
+    rows_decided: list[int] | None = None
 
     @property
     def mean_cost(self) -> float:
@@ -200,13 +202,19 @@ class D2NN(AdaptiveModel):
                 flops = []
                 for i, node in enumerate(self.nodes):
                     inp = x1 if node.takes == SOURCE else feats[parent[i]]
-                    total = float(count_flops(node.module, inp))
-                    h = node.module(inp)
                     ctrl = self.controllers[str(i)] if str(i) in self.controllers else None
-                    if ctrl is not None:
-                        total += float(count_flops(ctrl, h))
-                    if node.head is not None:
-                        total += float(count_flops(node.head, h))
+                    try:
+                        total = float(count_flops(node.module, inp))
+                        h = node.module(inp)
+                        if ctrl is not None:
+                            total += float(count_flops(ctrl, h))
+                        if node.head is not None:
+                            total += float(count_flops(node.head, h))
+                    except RuntimeError as err:
+                        raise ValueError(
+                            f"node {i} ({node.name}), its controller or its head failed on the node's input of "
+                            f"per-row shape {tuple(inp.shape[1:])}: {err}"
+                        ) from err
                     flops.append(total)
                     feats[i] = h
                     for s in node.successors:
@@ -268,6 +276,7 @@ class D2NN(AdaptiveModel):
             flops=spent,
             max_flops=n * max_path,
             entropy=router.entropy_out,
+            rows_decided=trace.rows_decided,
         )
 
     # -- the AdaptiveModel protocol: controllers, not an exit policy, decide here ------------------
@@ -282,6 +291,16 @@ class D2NN(AdaptiveModel):
 
     def set_policy(self, policy):
         raise self._no_exit_policy("set_policy")
+
+    def set_execution(self, *, sync: bool = True) -> "D2NN":
+        """Only the default (``sync=True``): a rollout writes every row's cost and log-probability as the
+        router sees it, which the zero-sync mode's padded buffers would corrupt."""
+        if not sync:
+            raise ValueError(
+                "D2NN.set_execution: the zero-sync mode (sync=False) is not supported: a D2NN's router writes "
+                "each row's cost and log-probability, which padded zero-sync buffers would corrupt"
+            )
+        return super().set_execution(sync=True)
 
     def exit_logits(self, x: torch.Tensor):
         raise self._no_exit_policy("exit_logits")
@@ -329,13 +348,30 @@ class D2NN(AdaptiveModel):
 
     def forward(self, x: torch.Tensor, return_info: bool = False):
         """``eval()``: deterministic routing (argmax), sparse; returns ``[N, classes]`` logits in the
-        original order (and the :class:`Rollout` with ``return_info=True``). ``train()``: a sampled
-        :class:`Rollout` (what :class:`D2NNTrainer` consumes)."""
+        original order (and an :class:`~adaexit.ExitInfo` with ``return_info=True``: ``flops_per_row``
+        holds each row's FLOPs, ``full_flops`` the most expensive path's). ``train()``: a sampled
+        :class:`Rollout` (what :class:`D2NNTrainer` consumes); :meth:`rollout` gives one in eval mode too."""
         if self.training:
+            if return_info:
+                raise ValueError("return_info=True is only available in eval() mode (train() returns a Rollout)")
             return self.rollout(x, sample=True)
         with torch.no_grad():
             out = self.rollout(x, sample=False)
-        return (out.logits, out) if return_info else out.logits
+        if not return_info:
+            return out.logits
+        n = out.exit_index.shape[0]
+        per_path = out.max_flops / n if n else 0.0
+        info = ExitInfo(
+            exit_index=out.exit_index,
+            exit_counts=out.exit_counts,
+            rows_run=out.rows_run,
+            rows_decided=out.rows_decided or [0] * len(self.nodes),
+            flops=out.flops,
+            full_flops=out.max_flops,
+            node_names=self.node_names,
+            flops_per_row=out.cost.double() * per_path,
+        )
+        return out.logits, info
 
 
 class _Router:

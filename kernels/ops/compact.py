@@ -3,8 +3,9 @@
 ``kept_index`` (int64) lists the rows where ``keep`` is true, in their original order, and every tensor
 that travels with the batch is gathered to those rows (``gather_rows(t, kept_index)``).
 
-Built on the other kernels: :func:`adaexit.kernels.partition` with two routes (``route = ~keep``: kept rows
-form route 0, so ``order[:counts[0]]`` is the stable list of kept rows) followed by one
+Built on the other kernels: :func:`adaexit.kernels.partition`'s kernel with one route (``route = ~keep``: kept
+rows form route 0; dropped rows, route 1, are out of range and written nowhere, so ``order[:counts[0]]`` is the
+stable list of kept rows, and with ``capacity`` the kernel writes the padded list itself) followed by one
 :func:`adaexit.kernels.gather_rows` launch per tensor. This module has no kernel of its own.
 
 Host synchronisation:
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import to_host, use_triton
-from .._layout import raw_view
-from .gather_rows import _gather_rows_triton
-from .partition import partition
+from .._dispatch import direct_call, to_host, use_triton
+from .._layout import empty_rows, in_row_layout
+from .gather_rows import bytes_moved as gather_bytes
+from .gather_rows import gather_rows_triton, padded_rows_torch
+from .partition import bytes_moved as partition_bytes
+from .partition import partition_triton
 
 # compact launches partition's and gather_rows' kernels (listed in their COMPILE_SPECS); none of its own.
 COMPILE_SPECS: list = []
@@ -53,22 +56,6 @@ def _rows_torch(t: torch.Tensor, kept_index: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, kept_index) if t.is_contiguous() else t[kept_index]
 
 
-def _padded_rows_torch(t: torch.Tensor, kept_index: torch.Tensor) -> torch.Tensor:
-    """``t[kept_index]`` with zero rows where ``kept_index == -1``."""
-    pad = kept_index < 0
-    if t.shape[0] == 0:  # nothing to read: every slot is padding
-        return torch.zeros((kept_index.numel(), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    rows = _rows_torch(t, kept_index.clamp(min=0))
-    bits = raw_view(rows)
-    if bits is None:  # no same-width integer type (e.g. complex128)
-        return rows.masked_fill_(pad.view(-1, *([1] * (t.dim() - 1))), 0)
-    # AND the raw bits with 0 / all-ones per row: exact zeros for every dtype (NaN/Inf rows included) and
-    # ~25x faster on CPU than a broadcast masked_fill_; no host sync on any device.
-    keep_bits = (~pad).to(bits.dtype).neg_().view(-1, *([1] * (t.dim() - 1)))
-    bits.bitwise_and_(keep_bits)
-    return rows
-
-
 def compact_torch(keep: torch.Tensor, *tensors: torch.Tensor, capacity: int | None = None) -> tuple:
     """Reference: ``nonzero_static`` for the kept rows, ``index_select`` / ``t[index]`` for each tensor."""
     _check(keep, tensors, capacity)
@@ -77,11 +64,84 @@ def compact_torch(keep: torch.Tensor, *tensors: torch.Tensor, capacity: int | No
         kept_index = torch.nonzero_static(keep, size=k).view(-1)
         return (kept_index, *(_rows_torch(t, kept_index) for t in tensors))
     kept_index = torch.nonzero_static(keep, size=capacity, fill_value=-1).view(-1)
-    return (kept_index, *(_padded_rows_torch(t, kept_index) for t in tensors))
+    return (kept_index, *(padded_rows_torch(t, kept_index) for t in tensors))
+
+
+def _compact_triton(keep: torch.Tensor, tensors, capacity):
+    """partition's kernel with one route for the kept rows, then one gather_rows launch per tensor."""
+    # route 0 = kept rows (stable); dropped rows have route 1, out of range for one route: the kernel counts
+    # and writes them nowhere
+    order, counts = partition_triton((~keep).view(torch.uint8), 1, capacity)
+    if capacity is None:
+        (k,) = to_host(counts)  # the one host sync
+        kept_index = order[:k]
+    else:
+        kept_index = order[0]  # [capacity], -1 padded by the kernel's layout
+    # kept_index is valid by construction (or -1 padding, which the kernel turns into zero rows)
+    return [kept_index, *(gather_rows_triton(t, kept_index) for t in tensors)]
+
+
+def bytes_moved(keep: torch.Tensor, *tensors: torch.Tensor, kept: int, capacity: int | None = None) -> int:
+    """The bytes-moved model of ``compact(keep, *tensors, capacity=capacity)`` when ``kept`` rows are kept:
+    ``~keep`` (read and write ``N`` bools), partition of that uint8 route with one route, a gather of the kept
+    rows of each tensor. ``capacity=None`` reads the kept count back (8 B); ``capacity=c`` fills the ``c``-slot
+    index with -1 first and writes ``c`` rows of each tensor, ``c - kept`` of them zeros."""
+    n = keep.shape[0]
+    moved = 2 * n + partition_bytes(keep.view(torch.uint8), 1, capacity)
+    rows = kept if capacity is None else min(kept, capacity)
+    moved += sum(gather_bytes(t, keep.new_empty(rows, dtype=torch.int64)) for t in tensors)
+    if capacity is None:
+        return moved + 8
+    return moved + sum((capacity - rows) * (t[0].numel() if n else 0) * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch op ``torch.ops.adaexit.compact``. With ``capacity=None`` the kept count is data-dependent: the
+# fake implementation gives it as an unbacked size, so ``torch.compile`` captures the op whole.
+# ---------------------------------------------------------------------------------------------
+def _compact_impl(keep: torch.Tensor, tensors: list[torch.Tensor], capacity: int | None) -> list[torch.Tensor]:
+    if use_triton(keep.device):
+        return _compact_triton(keep, tensors, capacity)
+    kept_index, *rows = compact_torch(keep, *tensors, capacity=capacity)
+    # contiguous t: index_select's rows are contiguous too, the layout the fake promises
+    return [kept_index, *(r if t.is_contiguous() else in_row_layout(r, t) for r, t in zip(rows, tensors))]
+
+
+_compact_op = torch.library.custom_op("adaexit::compact", mutates_args=())(_compact_impl)
+
+
+@_compact_op.register_fake
+def _(keep, tensors, capacity):
+    size = torch.library.get_ctx().new_dynamic_size() if capacity is None else capacity
+    return [keep.new_empty((size,), dtype=torch.int64), *(empty_rows(t, size) for t in tensors)]
+
+
+def _setup_context(ctx, inputs, output):
+    keep, tensors, capacity = inputs
+    ctx.save_for_backward(output[0])
+    ctx.metas = [(t.shape, t.dtype) for t in tensors]
+
+
+def _backward(ctx, grads):
+    (kept_index,) = ctx.saved_tensors
+    valid = kept_index >= 0  # -1: a padding slot, no gradient
+    index = kept_index.clamp(min=0)
+    out = []
+    for (shape, dtype), grad in zip(ctx.metas, grads[1:]):
+        if grad is None or not dtype.is_floating_point:
+            out.append(None)
+            continue
+        grad = grad.to(dtype) * valid.view(-1, *([1] * (grad.dim() - 1)))
+        out.append(grad.new_zeros(shape).index_add_(0, index, grad))
+    return None, out, None
+
+
+_compact_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def compact(keep: torch.Tensor, *tensors: torch.Tensor, capacity: int | None = None) -> tuple:
-    """Keep the rows where ``keep`` is true, for every tensor in ``tensors``.
+    """Keep the rows where ``keep`` is true, for every tensor in ``tensors`` (the op ``torch.ops.adaexit.compact``;
+    differentiable in ``tensors``).
 
     Args:
         keep: ``[N]`` bool.
@@ -93,18 +153,7 @@ def compact(keep: torch.Tensor, *tensors: torch.Tensor, capacity: int | None = N
         ``(kept_index, *compacted)``: ``kept_index`` int64 ``[k]`` (or ``[c]``), ``compacted[i] =
         tensors[i][kept_index]``.
     """
-    if not use_triton(keep):
-        return compact_torch(keep, *tensors, capacity=capacity)
     _check(keep, tensors, capacity)
-    n = keep.shape[0]
-    order, counts = partition(~keep, 2)  # route 0 = kept rows, stable
-    if capacity is None:
-        (k,) = to_host(counts[:1])  # the one host sync
-        kept_index = order[:k]
-    else:
-        kept_index = torch.full((capacity,), -1, dtype=torch.int64, device=keep.device)
-        m = min(capacity, n)
-        slot = torch.arange(m, device=keep.device)
-        kept_index[:m] = torch.where(slot < counts[0], order[:m], -1)
-    # kept_index is valid by construction (or -1 padding, which the kernel turns into zero rows)
-    return (kept_index, *(_gather_rows_triton(t, kept_index) for t in tensors))
+    if direct_call(keep, *tensors):
+        return tuple(_compact_impl(keep, list(tensors), capacity))
+    return tuple(_compact_op(keep, list(tensors), capacity))

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .._compile import CompileSpec
-from .._dispatch import use_triton
+from .._dispatch import count_launch, direct_call, use_triton
 from .._triton import tl, triton
 
 CRITERIA = ("maxprob", "margin", "entropy", "learned")
@@ -423,6 +423,7 @@ def _launch(h, weight, bias, criterion, threshold, gate, N, D, K):
     b = bias.float().contiguous() if bias is not None else score  # dummy pointer, never read
     g = gate.float().reshape(4).contiguous() if gate is not None else torch.zeros(4, dtype=torch.float32, device=dev)
     grid = (triton.cdiv(N, BLOCK_N),)
+    count_launch("exit_gate")
     _exit_gate_kernel[grid](
         h, w, b, g, scratch, logits, score, exit_mask.view(torch.uint8),
         N, D, K, S,
@@ -436,12 +437,86 @@ def _launch(h, weight, bias, criterion, threshold, gate, N, D, K):
     return logits, score, exit_mask
 
 
+def bytes_moved(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> int:
+    """The bytes-moved model of ``exit_gate(h, weight, bias)`` (the kernel docstring's): read ``h`` once, the
+    weight once (later programs hit L2) and the fp32 bias; write fp32 logits ``N*K*4``, the fp32 score ``N*4``
+    and the mask ``N``. The scratch path's pooled rows stay in L2/L1 and are not counted."""
+    N = h.shape[0]
+    K = h.shape[1] if weight is None else weight.shape[0]
+    w = 0 if weight is None else weight.numel() * weight.element_size()
+    return h.numel() * h.element_size() + w + (0 if bias is None else 4 * K) + N * K * 4 + N * 4 + N
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch op ``torch.ops.adaexit.exit_gate``: the Triton kernel and the reference behind one op.
+# Autograd (logits and score, w.r.t. h, weight, bias and gate) recomputes the reference in backward: the
+# gate runs in eval forwards, where nothing needs gradients; training calls it rarely, so the recompute
+# costs less than keeping a second, differentiable kernel.
+# ---------------------------------------------------------------------------------------------
+def _exit_gate_impl(
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    criterion: str,
+    threshold: float,
+    gate: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(h.device):
+        N, D = h.shape[0], h.shape[1]
+        return _launch(h, weight, bias, criterion, threshold, gate, N, D, D if weight is None else weight.shape[0])
+    logits, score, exit_mask = exit_gate_torch(h, weight, bias, criterion=criterion, threshold=threshold, gate=gate)
+    if logits.untyped_storage().data_ptr() == h.untyped_storage().data_ptr():
+        logits = logits.clone()  # weight=None on contiguous fp32 h: an op's output never aliases its input
+    return logits, score, exit_mask
+
+
+_exit_gate_op = torch.library.custom_op("adaexit::exit_gate", mutates_args=())(_exit_gate_impl)
+
+
+@_exit_gate_op.register_fake
+def _(h, weight, bias, criterion, threshold, gate):
+    N = h.shape[0]
+    K = h.shape[1] if weight is None else weight.shape[0]
+    return (
+        h.new_empty((N, K), dtype=torch.float32),
+        h.new_empty((N,), dtype=torch.float32),
+        h.new_empty((N,), dtype=torch.bool),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, bias, criterion, threshold, gate = inputs
+    ctx.save_for_backward(h, weight, bias, gate)
+    ctx.options = dict(criterion=criterion, threshold=threshold)
+
+
+def _backward(ctx, grad_logits, grad_score, _grad_mask):
+    needs = ctx.needs_input_grad[:3] + ctx.needs_input_grad[5:]  # h, weight, bias, gate
+    inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+    h, weight, bias, gate = inputs
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = {}
+    if wanted:
+        with torch.enable_grad():
+            logits, score, _ = exit_gate_torch(h, weight, bias, gate=gate, **ctx.options)
+            outs = [(logits, grad_logits), (score, grad_score)]
+            outs = [(o, g) for o, g in outs if g is not None]
+            found = torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], allow_unused=True)
+        grads = {id(t): g for t, g in zip(wanted, found)}
+    gh, gw, gb, gg = (None if t is None else grads.get(id(t)) for t in inputs)
+    return gh, gw, gb, None, None, gg
+
+
+_exit_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def exit_gate(h, weight, bias=None, *, criterion="maxprob", threshold=1.0, gate=None):
-    """Fused exit gate; see the module docstring. Returns ``(logits fp32 [N, K], score fp32 [N], exit_mask bool [N])``."""
-    N, D, K = _validate(h, weight, bias, criterion, gate)
-    if not use_triton(h, weight, bias):
-        return exit_gate_torch(h, weight, bias, criterion=criterion, threshold=threshold, gate=gate)
-    return _launch(h, weight, bias, criterion, threshold, gate, N, D, K)
+    """Fused exit gate (the op ``torch.ops.adaexit.exit_gate``); see the module docstring. Returns ``(logits
+    fp32 [N, K], score fp32 [N], exit_mask bool [N])``; differentiable in ``h``, ``weight``, ``bias``, ``gate``."""
+    _validate(h, weight, bias, criterion, gate)
+    if direct_call(h, weight, bias, gate):
+        return _exit_gate_impl(h, weight, bias, criterion, float(threshold), gate)
+    return _exit_gate_op(h, weight, bias, criterion, float(threshold), gate)
 
 
 # =============================================================================================

@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import use_triton
+from .._dispatch import count_launch, direct_call, use_triton
 from .._layout import (
     MAX_STRIDED_DIMS,
     check_index,
     check_index_values,
     coalesce,
-    dense_strides,
+    empty_rows,
+    in_row_layout,
     memory_order,
     raw_view,
+    rows_bytes,
     tile_shape,
     tile_spec,
 )
@@ -123,6 +125,7 @@ def _gather_rows_strided_kernel(
 
 
 def _check(x: torch.Tensor, index: torch.Tensor) -> None:
+    """Metadata checks (free, no host sync: they run in the public function, also under ``torch.compile``)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
@@ -132,9 +135,13 @@ def _check(x: torch.Tensor, index: torch.Tensor) -> None:
         raise ValueError(f"index is on {index.device} but x is on {x.device}")
 
 
-def gather_rows_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Reference: ``x[index]`` (``index_select`` for contiguous ``x``: same values, faster on CPU)."""
+def gather_rows_torch(x: torch.Tensor, index: torch.Tensor, *, padded: bool = False) -> torch.Tensor:
+    """Reference: ``x[index]`` (``index_select`` for contiguous ``x``: same values, faster on CPU); with
+    ``padded``, index ``-1`` gives a zero row."""
     _check(x, index)
+    if padded:
+        check_index_values(index, x.shape[0], padded=True)
+        return padded_rows_torch(x, index)
     if x.is_contiguous():
         try:  # index_select bounds-checks (negative indices included): no separate pass over index
             return x.index_select(0, index)
@@ -145,7 +152,24 @@ def gather_rows_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[index]
 
 
-def _gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def padded_rows_torch(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` with zero rows where ``index == -1`` (other values valid by construction); no host sync."""
+    pad = index < 0
+    if t.shape[0] == 0:  # nothing to read: every slot is padding
+        return torch.zeros((index.numel(), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    safe = index.clamp(min=0)
+    rows = t.index_select(0, safe) if t.is_contiguous() else t[safe]
+    bits = raw_view(rows)
+    if bits is None:  # no same-width integer type (e.g. complex128)
+        return rows.masked_fill_(pad.view(-1, *([1] * (t.dim() - 1))), 0)
+    # AND the raw bits with 0 / all-ones per row: exact zeros for every dtype (NaN/Inf rows included) and
+    # ~25x faster on CPU than a broadcast masked_fill_.
+    keep_bits = (~pad).to(bits.dtype).neg_().view(-1, *([1] * (t.dim() - 1)))
+    bits.bitwise_and_(keep_bits)
+    return rows
+
+
+def gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Triton path without index checks; out-of-range indices (e.g. -1 padding) give zero rows."""
     n, M, trail = index.numel(), x.shape[0], list(x.shape[1:])
     R = 1
@@ -156,23 +180,19 @@ def _gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ok = (index >= 0) & (index < M)
         out[ok] = x[index[ok]]  # torch's own kernels; boolean indexing syncs (rare dtypes only)
         return out
-    order = memory_order(trail, x.stride()[1:])
-    x_sizes = [trail[d] for d in order]
-    sizes, (strides,) = coalesce(x_sizes, [x.stride(d + 1) for d in order])
-    if len(sizes) == 1 and strides[0] == 1:  # dense rows: keep x's row layout
-        out_strides = dense_strides(trail, order)
-    else:  # strided rows: out is contiguous, x is read in its own memory order
-        out_strides = dense_strides(trail, list(range(len(trail))))
-        sizes, (strides, o_strides) = coalesce(x_sizes, [x.stride(d + 1) for d in order], [out_strides[d] for d in order])
-        if len(sizes) > MAX_STRIDED_DIMS:
-            x = x.contiguous()  # fallback: one extra read + write of all of x (see module docstring)
-            sizes, strides = [R], [1]
-    out = torch.empty_strided([n, *trail], [R, *out_strides], dtype=x.dtype, device=x.device)
+    out = empty_rows(x, n)
     if n == 0 or R == 0:
         return out
+    order = memory_order(trail, x.stride()[1:])
+    x_sizes = [trail[d] for d in order]
+    sizes, (strides, o_strides) = coalesce(x_sizes, [x.stride(d + 1) for d in order], [out.stride(d + 1) for d in order])
+    if len(sizes) > MAX_STRIDED_DIMS:
+        x = x.contiguous()  # fallback: one extra read + write of all of x (see module docstring)
+        sizes, strides, o_strides = [R], [1], [1]
     xr, outr = raw_view(x), raw_view(out)
     block_rows, block_cols = tile_shape(R, x.element_size())
     grid = (triton.cdiv(n, block_rows), triton.cdiv(R, block_cols))
+    count_launch("gather_rows")
     if len(sizes) == 1 and strides[0] == 1:
         _gather_rows_kernel[grid](xr, index, outr, n, M, R, x.stride(0), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     else:
@@ -185,21 +205,66 @@ def _gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` along dim 0.
+def bytes_moved(x: torch.Tensor, index: torch.Tensor) -> int:
+    """The bytes-moved model of ``gather_rows(x, index)`` (every benchmark and the GPU kit use it): the
+    gathered rows read once and written once, the index once per column chunk."""
+    return rows_bytes(index.numel(), x[0].numel() if x.shape[0] else 0, x.element_size(), index.element_size())
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch op ``torch.ops.adaexit.gather_rows``: the Triton kernel and the reference behind one op
+# ---------------------------------------------------------------------------------------------
+def _gather_rows_impl(x: torch.Tensor, index: torch.Tensor, padded: bool) -> torch.Tensor:
+    if use_triton(x.device):
+        check_index_values(index, x.shape[0], padded=padded)
+        return gather_rows_triton(x, index)
+    rows = gather_rows_torch(x, index, padded=padded)
+    return rows if x.is_contiguous() else in_row_layout(rows, x)  # contiguous x: rows are contiguous too
+
+
+_gather_rows_op = torch.library.custom_op("adaexit::gather_rows", mutates_args=())(_gather_rows_impl)
+
+
+@_gather_rows_op.register_fake
+def _(x, index, padded):
+    return empty_rows(x, index.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, index, padded = inputs
+    ctx.save_for_backward(index)
+    ctx.x_meta = (x.shape, x.dtype)
+    ctx.padded = padded
+
+
+def _backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    shape, dtype = ctx.x_meta
+    if ctx.padded:  # padding slots carry no gradient
+        grad = grad * (index >= 0).view(-1, *([1] * (grad.dim() - 1)))
+        index = index.clamp(min=0)
+    return grad.new_zeros(shape, dtype=dtype).index_add_(0, index, grad.to(dtype)), None, None
+
+
+_gather_rows_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, *, padded: bool = False) -> torch.Tensor:
+    """``x[index]`` along dim 0 (the op ``torch.ops.adaexit.gather_rows``; differentiable in ``x``).
 
     Args:
         x: ``[M, *T]`` tensor, any dtype, any strides (channels_last is kept in the output).
         index: ``[n]`` int64/int32 row indices in ``[0, M)``.
+        padded: ``index`` may hold ``-1`` padding slots (as ``compact(..., capacity=)`` and ``partition(...,
+            capacity=)`` return them): those rows of the output are zeros. No host sync either way on CUDA.
 
     Returns:
         ``[n, *T]`` tensor; rows keep ``x``'s memory order of the trailing dims.
     """
-    if not use_triton(x):
-        return gather_rows_torch(x, index)
     _check(x, index)
-    check_index_values(index, x.shape[0])
-    return _gather_rows_triton(x, index)
+    if direct_call(x, index):
+        return _gather_rows_impl(x, index, padded)
+    return _gather_rows_op(x, index, padded)
 
 
 # Representative launches for the ahead-of-time compile report (kernels._compile). Rows are moved as

@@ -22,8 +22,18 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import use_triton
-from .._layout import MAX_STRIDED_DIMS, check_index, check_index_values, coalesce, memory_order, raw_view, tile_shape, tile_spec
+from .._dispatch import count_launch, direct_call, use_triton
+from .._layout import (
+    MAX_STRIDED_DIMS,
+    check_index,
+    check_index_values,
+    coalesce,
+    memory_order,
+    raw_view,
+    rows_bytes,
+    tile_shape,
+    tile_spec,
+)
 from .._triton import tl, triton
 
 
@@ -101,6 +111,7 @@ def _scatter_rows_strided_kernel(
 
 
 def _check(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """Metadata checks (free, no host sync: they run in the public function, also under ``torch.compile``)."""
     for name, t in (("out", out), ("index", index), ("src", src)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -116,49 +127,50 @@ def _check(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
     check_index(index)
     if src.device != out.device or index.device != out.device:
         raise ValueError(f"out ({out.device}), index ({index.device}) and src ({src.device}) must share a device")
-    if index.dim() != 1 or index.numel() != src.shape[0]:
+    if index.dim() != 1 or index.shape[0] != src.shape[0]:
         raise ValueError(f"index must be 1-D with src.shape[0] = {src.shape[0]} entries, got shape {tuple(index.shape)}")
     if any(st == 0 and sz > 1 for st, sz in zip(out.stride(), out.shape)):
         raise ValueError("out has overlapping memory (a stride-0 dim, e.g. from expand): cannot write rows in place")
-    check_index_values(index, out.shape[0])  # before any write: a rejected call leaves out untouched
 
 
-def scatter_rows_torch(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """Reference: ``out[index] = src`` (``index_copy_`` when both are contiguous: same result, faster)."""
+def scatter_rows_torch(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, padded: bool = False) -> torch.Tensor:
+    """Reference: ``out[index] = src`` (``index_copy_`` when both are contiguous: same result, faster); with
+    ``padded``, rows whose index is ``-1`` are skipped (no host sync: they are written to a scratch row)."""
     _check(out, index, src)
+    check_index_values(index, out.shape[0], padded=padded)  # before any write: a rejected call leaves out untouched
+    if padded:
+        # one extra row takes the padding slots' writes, so the copy needs no data-dependent size
+        scratch = torch.empty((1, *out.shape[1:]), dtype=out.dtype, device=out.device)
+        full = torch.cat([out, scratch])
+        full.index_copy_(0, torch.where(index < 0, out.shape[0], index).to(torch.int64), src)
+        out.copy_(full[: out.shape[0]])
+        return out
     if out.is_contiguous() and src.is_contiguous():
         return out.index_copy_(0, index.to(torch.int64), src)
     out[index] = src
     return out
 
 
-def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``out[index] = src`` along dim 0, in place; returns ``out``.
-
-    Args:
-        out: ``[M, *T]`` destination, any strides (no overlapping memory).
-        index: ``[n]`` int64/int32 distinct row indices in ``[0, M)``.
-        src: ``[n, *T]`` rows, same dtype and device as ``out``, any strides.
-    """
-    if not use_triton(out, src):
-        return scatter_rows_torch(out, index, src)
-    _check(out, index, src)
+def scatter_rows_triton(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """Triton path without index checks; rows whose index is out of range (e.g. -1 padding) are skipped."""
     n, M, trail = index.numel(), out.shape[0], list(out.shape[1:])
     R = 1
     for s in trail:
         R *= s
     if n == 0 or R == 0:
-        return out
+        return
     order = memory_order(trail, out.stride()[1:])
     sizes, (s_strides, o_strides) = coalesce(
         [trail[d] for d in order], [src.stride(d + 1) for d in order], [out.stride(d + 1) for d in order]
     )
     if len(sizes) > MAX_STRIDED_DIMS or raw_view(out) is None:
-        out[index] = src  # documented fallback: torch's own kernel
-        return out
+        ok = (index >= 0) & (index < M)
+        out[index[ok]] = src[ok]  # documented fallback: torch's own kernel (boolean indexing syncs)
+        return
     srcr, outr = raw_view(src), raw_view(out)
     block_rows, block_cols = tile_shape(R, out.element_size())
     grid = (triton.cdiv(n, block_rows), triton.cdiv(R, block_cols))
+    count_launch("scatter_rows")
     if len(sizes) == 1 and s_strides[0] == 1 and o_strides[0] == 1:
         _scatter_rows_kernel[grid](
             srcr, index, outr, n, M, R, src.stride(0), out.stride(0), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols
@@ -170,6 +182,54 @@ def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> t
             srcr, index, outr, n, M, R, src.stride(0), out.stride(0), sizes[1], sizes[2], *s_strides, *o_strides,
             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )  # fmt: skip
+
+
+def bytes_moved(src: torch.Tensor, index: torch.Tensor) -> int:
+    """The bytes-moved model of ``scatter_rows(out, index, src)``: the ``src`` rows read once and written once,
+    the index once per column chunk."""
+    row = 1
+    for s in src.shape[1:]:
+        row *= s
+    return rows_bytes(index.numel(), row, src.element_size(), index.element_size())
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch op ``torch.ops.adaexit.scatter_rows`` (mutates ``out``): the Triton kernel and the reference
+# behind one op. A mutating op cannot carry an autograd formula: a call that autograd must differentiate runs
+# the reference in the public function instead (``out[index] = src`` is differentiable in place).
+# ---------------------------------------------------------------------------------------------
+def _scatter_rows_impl(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, padded: bool) -> None:
+    if use_triton(out.device):
+        check_index_values(index, out.shape[0], padded=padded)
+        scatter_rows_triton(out, index, src)
+    else:
+        scatter_rows_torch(out, index, src, padded=padded)
+
+
+_scatter_rows_op = torch.library.custom_op("adaexit::scatter_rows", mutates_args=("out",))(_scatter_rows_impl)
+
+
+@_scatter_rows_op.register_fake
+def _(out, index, src, padded):
+    return None
+
+
+def scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, padded: bool = False) -> torch.Tensor:
+    """``out[index] = src`` along dim 0, in place (the op ``torch.ops.adaexit.scatter_rows``); returns ``out``.
+
+    Args:
+        out: ``[M, *T]`` destination, any strides (no overlapping memory).
+        index: ``[n]`` int64/int32 distinct row indices in ``[0, M)``.
+        src: ``[n, *T]`` rows, same dtype and device as ``out``, any strides.
+        padded: ``index`` may hold ``-1`` padding slots: those rows of ``src`` are not written (no host sync).
+    """
+    _check(out, index, src)
+    if torch.is_grad_enabled() and (out.requires_grad or src.requires_grad):
+        return scatter_rows_torch(out, index, src, padded=padded)
+    if direct_call(out, index, src):
+        _scatter_rows_impl(out, index, src, padded)
+    else:
+        _scatter_rows_op(out, index, src, padded)
     return out
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ... import MultiExitLoss, calibrate, train, wrap
 from ...cost import interleaved_times, machine_info
@@ -98,10 +99,10 @@ def text_batches(tokenizer, rows, batch_size: int, max_length: int):
 def head_inputs(ee, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
     """What each exit's head reads, for every row, as ``[n, 1, D]`` (one dense pass, frozen backbone): the
     mean of the real tokens for :class:`MeanPoolHead` exits, the [CLS] state for the model's own head."""
-    per_exit, labels = [[] for _ in ee.segments], []
+    per_exit, labels = [[] for _ in ee.stages], []
     for enc, y in batches:
         h = ee.prepare_input(enc)
-        for k, (segment, head) in enumerate(zip(ee.segments, ee.heads)):
+        for k, (segment, head) in enumerate(zip(ee.stages, ee.heads)):
             h = segment(h)
             if isinstance(head, MeanPoolHead):
                 weight = h.mask.to(h.hidden.dtype).unsqueeze(-1)
@@ -148,7 +149,7 @@ def text_system(args, cache: Path):
     record = {"data": {"train": len(train_rows), "val": len(val_rows), "test": len(test_rows),
                        "classes": data["classes"], "provenance": data["provenance"]}}
     if path.is_file():
-        ee.heads.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        nn.ModuleList(ee.heads).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         _log(f"[encoders] text: loaded cached heads {path}")
         record["cached"] = True
     else:
@@ -158,7 +159,7 @@ def text_system(args, cache: Path):
         record["head_losses"] = train_heads(ee, states, labels, epochs=3 if args.smoke else 60)
         record["train_s"] = time.perf_counter() - start
         cache.mkdir(parents=True, exist_ok=True)
-        torch.save(ee.heads.state_dict(), path)
+        torch.save(nn.ModuleList(ee.heads).state_dict(), path)
         _log(f"[encoders] text: trained the heads on frozen MiniLM in {record['train_s']:.0f} s")
         record["cached"] = False
     val = text_batches(tokenizer, val_rows, 128, args.max_length)

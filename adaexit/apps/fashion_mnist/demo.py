@@ -188,10 +188,11 @@ def _exit_names(model, member_names: dict[int, str]) -> list[str]:
     """A label per exit of an adaptive system (``member_names``: ``id(network) -> name``)."""
     if isinstance(model, Cascade):
         names = []
-        for k, m in enumerate(model.node_model):
+        members = model.node_members()
+        for k, m in enumerate(members):
             net = member_names.get(id(model.models[m]), f"model{m}")
-            stage = sum(1 for j in model.node_model[:k] if j == m)
-            names.append(f"{net}.exit{stage}" if model.node_model.count(m) > 1 else net)
+            stage = sum(1 for j in members[:k] if j == m)
+            names.append(f"{net}.exit{stage}" if members.count(m) > 1 else net)
         return names
     net = member_names.get(id(model), type(model).__name__)
     return [f"{net}.exit{k}" for k in range(model.num_exits)]

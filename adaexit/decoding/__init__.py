@@ -1,0 +1,22 @@
+"""Decoder LLMs: batched greedy decoding with per-row self-speculation and per-row early exit.
+
+* :class:`CausalLMExits` (:mod:`.model`): a Hugging Face Llama-family causal LM with exits after named decoder
+  layers, their heads (default: the model's own final norm + LM head, shared) and cheap gates;
+  ``adaexit.wrap(lm, exits=["model.layers.K", ...])`` builds one.
+* :class:`RowCache` (:mod:`.cache`): a static KV cache with a length and positions per row.
+* :func:`generate` (:mod:`.generate`): ``"full"``, ``"self_speculative"`` and ``"early_exit"`` decoding
+  (:mod:`.strategies`), equal to ``lm.generate(..., do_sample=False)`` for the lossless strategies.
+* :mod:`.costs`: measured step costs and the ideal speedup a run's acceptance / layers per token allows.
+"""
+
+from .cache import RowCache
+from .generate import DecodeInfo, generate
+from .model import SUPPORTED, CausalLMExits, is_causal_lm
+
+
+def wrap_causal_lm(lm, exits, *, heads=None, policy=None) -> CausalLMExits:
+    """``adaexit.wrap`` for causal LMs: see :class:`CausalLMExits` (keywords ``heads=``, ``policy=``)."""
+    return CausalLMExits(lm, exits, heads=heads, policy=policy)
+
+
+__all__ = ["SUPPORTED", "CausalLMExits", "DecodeInfo", "RowCache", "generate", "is_causal_lm", "wrap_causal_lm"]

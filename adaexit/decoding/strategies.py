@@ -1,0 +1,273 @@
+"""The decoding loops: ``full`` greedy, ``self_speculative`` (lossless) and ``early_exit`` (per row).
+
+Each runs on a :class:`Run` (the rows still decoding, their pending token and the per-row cache) after the
+prompt's prefill, and returns when every row has finished. A row finishes at its EOS or at
+``max_new_tokens``; finished rows leave the batch through the compaction kernels (:meth:`Run.emit`).
+
+Host synchronisations: one per step (which rows finished, how far each row got), plus one per exit point
+whose threshold can fire (``early_exit``: the sizes of the leaving and staying groups).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import compact, gather_rows, partition, scatter_rows
+from ..kernels._dispatch import to_host
+from .cache import RowCache
+from .model import CausalLMExits
+
+
+class Run:
+    """The rows still decoding and everything that travels with them.
+
+    Attributes:
+        tok: long ``[n]``: each row's pending token (emitted, not yet in the cache).
+        row_ids: long ``[n]``: each row's index in the input batch.
+        count: long ``[n]``: tokens emitted so far per row; ``count_host`` the same on the host.
+        out: long ``[B, max_new_tokens + slack]``: emitted tokens per input row, padding elsewhere.
+    """
+
+    def __init__(self, model: CausalLMExits, cache: RowCache, tok, max_new_tokens, eos, pad, slack, keep_finished=False):
+        device = tok.device
+        self.model, self.cache, self.max_new = model, cache, max_new_tokens
+        self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=device)
+        self.pad = pad
+        batch = tok.shape[0]
+        self.out = torch.full((batch, max_new_tokens + slack), pad, dtype=torch.long, device=device)
+        self.row_ids = torch.arange(batch, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.tok = tok
+        self.lengths_host = [cache.lengths_prompt] * batch
+        self.count_host = [0] * batch
+        self.final_counts = [0] * batch  # tokens each input row generated, set when it finishes
+        self.layer_passes = 0  # decoder layers run, one per row (and per pass), after the prefill
+        self.tokens_after_first = 0
+        self.accepted: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row_ids, accepted drafts) per iteration
+        self.exit_counts = [0] * model.num_exits
+        self.steps = 0
+        # input row -> (keys, values) per layer of its finished cache rows [kv_heads, length, head_dim]
+        self.finished_caches: dict[int, tuple[list, list]] | None = {} if keep_finished else None
+
+    @property
+    def n(self) -> int:
+        return int(self.tok.shape[0])
+
+    def end(self, extra: int) -> int:
+        """Attention extent of a step whose queries reach ``extra`` slots past the longest row."""
+        return max(self.lengths_host) + extra
+
+    def emit(self, tokens: torch.Tensor, offered: torch.Tensor, advance: torch.Tensor) -> None:
+        """Append up to ``offered[r]`` of ``tokens[r]`` (``[n, t]``) to each row, stopping after an EOS and at
+        ``max_new_tokens``; then the pending token becomes the last offered token and the cache rows grow by
+        ``advance`` (already-cached slots). Finished rows leave (the one host sync of the step)."""
+        n, t = tokens.shape
+        steps = torch.arange(t, device=tokens.device)
+        room = torch.minimum(offered, self.max_new - self.count)
+        is_eos = torch.isin(tokens, self.eos) & (steps[None, :] < room[:, None])
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), t)
+        take = torch.minimum(room, first_eos + 1)
+        written = torch.where(steps[None, :] < take[:, None], tokens, self.pad)
+        self.out[self.row_ids[:, None], self.count[:, None] + steps[None, :]] = written
+        self.count = self.count + take
+        done = (first_eos < room) | (self.count >= self.max_new)
+        self.tok = tokens.gather(1, (offered - 1).clamp(min=0)[:, None]).squeeze(1)
+        self.cache.lengths = self.cache.lengths + advance
+        host = to_host(torch.stack([done.long(), take, advance, self.row_ids, self.count], 1))
+        for row in host:
+            if row[0]:
+                self.final_counts[row[3]] = row[4]
+        self.tokens_after_first += sum(row[1] for row in host)
+        self.lengths_host = [length + row[2] for length, row in zip(self.lengths_host, host)]
+        self.count_host = [c + row[1] for c, row in zip(self.count_host, host)]
+        if any(row[0] for row in host):
+            self.lengths_host = [length for length, row in zip(self.lengths_host, host) if not row[0]]
+            self.count_host = [c for c, row in zip(self.count_host, host) if not row[0]]
+            if self.finished_caches is not None:
+                self._keep_finished(host)
+            kept, self.tok, self.row_ids, self.count = compact(~done, self.tok, self.row_ids, self.count)
+            self.cache.keep(kept)
+
+    def _keep_finished(self, host) -> None:
+        """Copy the finishing rows' caches out (for inspection: tests check that they are whole)."""
+        lengths = self.cache.lengths
+        for i, row in enumerate(host):
+            if row[0]:
+                end = int(lengths[i])
+                self.finished_caches[row[3]] = (
+                    [k[i, :, :end].clone() for k in self.cache.keys],
+                    [v[i, :, :end].clone() for v in self.cache.values],
+                )
+
+    def start(self) -> int | None:
+        """The rows' common next slot when they all have the same (a contiguous cache write), else ``None``."""
+        first = self.lengths_host[0]
+        return first if all(length == first for length in self.lengths_host) else None
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt through the whole model (every layer's K/V cached); the first token per row."""
+        model, cache = self.model, self.cache
+        n, p = input_ids.shape
+        h = model.embed(input_ids)
+        slots = torch.zeros(n, dtype=torch.long, device=input_ids.device)
+        cos_sin = model.rotary(h, cache.positions(None, slots, p).clamp(min=0))
+        step = cache.step(None, slots, p, p, cos_sin, start=0)
+        for i in range(model.num_layers):
+            h = model.layer(i, h, step, cache)
+        return model.final_logits(h[:, -1]).argmax(-1)
+
+
+def full(run: Run) -> None:
+    """Greedy decoding, one token per row per step, every layer."""
+    model = run.model
+    while run.n:
+        cache = run.cache
+        slots = cache.lengths
+        h = model.embed(run.tok)[:, None]
+        cos_sin = model.rotary(h, cache.positions(None, slots, 1))
+        step = cache.step(None, slots, 1, run.end(1), cos_sin, run.start())
+        for i in range(model.num_layers):
+            h = model.layer(i, h, step, cache)
+        run.layer_passes += run.n * model.num_layers
+        run.exit_counts[-1] += run.n
+        tokens = model.final_logits(h[:, -1]).argmax(-1)
+        one = torch.ones_like(run.tok)
+        run.emit(tokens[:, None], one, one)
+        run.steps += 1
+
+
+def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold: float | None = None) -> None:
+    """Lossless self-speculation with per-row acceptance.
+
+    Every row drafts up to ``num_draft`` tokens with layers ``0..k`` (``k`` the draft exit's layer) and the
+    exit's head, caching those layers' K/V and the layer-``k`` hidden states. With ``draft_threshold``, a row
+    stops drafting after a draft whose gate score is below it (the rows still drafting run compacted). One
+    verify pass then runs each row's last draft through layers ``0..k`` and every row's block (its pending
+    token and drafts) through layers ``k+1..``; each row accepts its own longest prefix of drafts equal to the
+    full model's greedy tokens, plus the full model's next token. Its cache length grows by what it accepted;
+    its rejected slots are simply left behind (never attended, overwritten).
+    """
+    model = run.model
+    k = model.exit_layers[draft_exit]
+    while run.n:
+        cache, n, device = run.cache, run.n, run.tok.device
+        room = run.max_new - min(run.count_host)
+        m = max(0, min(num_draft, room - 1))
+        slots, start = cache.lengths, run.start()
+        hidden = torch.zeros(n, m + 1, model.hidden_size, dtype=model.lm.lm_head.weight.dtype, device=device)
+        drafts = torch.full((n, max(m, 1)), -1, dtype=torch.long, device=device)
+        counts = torch.zeros(n, dtype=torch.long, device=device)  # drafts per row
+        x, active, widest = run.tok, None, 0  # active: the rows still drafting (None: all)
+        for i in range(m):
+            sl = slots if active is None else gather_rows(slots, active)
+            h = model.embed(x)[:, None]
+            cos_sin = model.rotary(h, cache.positions(active, sl + i, 1))
+            common = None if start is None or active is not None else start + i
+            step = cache.step(active, sl + i, 1, run.end(i + 1), cos_sin, common)
+            for layer in range(k + 1):
+                h = model.layer(layer, h, step, cache)
+            x = model.exit_logits(draft_exit, h[:, -1]).argmax(-1)
+            where = torch.arange(n, device=device) if active is None else active
+            hidden[where, i] = h[:, 0]
+            drafts[where, i] = x
+            counts[where] += 1
+            widest = i + 1
+            run.layer_passes += where.shape[0] * (k + 1)
+            if draft_threshold is not None and i + 1 < m:
+                go = model.gate_score(draft_exit, h[:, 0]) >= draft_threshold
+                kept, x = compact(go, x)
+                if kept.shape[0] == 0:
+                    break
+                active = gather_rows(where, kept)
+        # each row's last input (its last draft, or its pending token) through layers 0..k at its own slot
+        last = drafts.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)
+        last = torch.where(counts > 0, last, run.tok)
+        h = model.embed(last)[:, None]
+        cos_sin = model.rotary(h, cache.positions(None, slots + counts, 1))
+        uniform = start if start is not None and draft_threshold is None else None
+        step = cache.step(None, slots + counts, 1, run.end(widest + 1), cos_sin, None if uniform is None else uniform + widest)
+        for layer in range(k + 1):
+            h = model.layer(layer, h, step, cache)
+        hidden[torch.arange(n, device=device), counts] = h[:, 0]
+        h = hidden[:, : widest + 1]
+        cos_sin = model.rotary(h, cache.positions(None, slots, widest + 1))
+        step = cache.step(None, slots, widest + 1, run.end(widest + 1), cos_sin, start)
+        for layer in range(k + 1, model.num_layers):
+            h = model.layer(layer, h, step, cache)
+        verified = model.final_logits(h).argmax(-1)  # [n, widest + 1]: the full model's token after each input
+        if widest:
+            steps = torch.arange(widest, device=device)
+            match = (drafts[:, :widest] == verified[:, :widest]) & (steps[None, :] < counts[:, None])
+            accepted = match.long().cumprod(1).sum(1)
+        else:
+            accepted = torch.zeros_like(run.tok)
+        run.layer_passes += n * model.num_layers
+        run.exit_counts[-1] += n
+        run.accepted.append((run.row_ids, accepted))
+        run.emit(verified, accepted + 1, accepted + 1)
+        run.steps += 1
+
+
+def early_exit(run: Run, per_row: bool = True) -> None:
+    """Greedy decoding where each row leaves at the first exit whose gate fires.
+
+    Gates are cheap (one dot product per row); the exit's vocabulary head runs only for the rows that leave.
+    Rows that stay run the next layers compacted (``partition`` + ``gather_rows``). A row that leaves at layer
+    ``k`` fills the K/V of layers ``k+1..`` for its token by state propagation (CALM): those layers' K/V
+    projections of its layer-``k`` hidden state, so later tokens attend to a whole cache. With
+    ``per_row=False`` the batch leaves together only when every row's gate fires (CALM's batch rule).
+    """
+    model = run.model
+    thresholds = model.thresholds
+    while run.n:
+        cache = run.cache
+        n, device = run.n, run.tok.device
+        slots = cache.lengths
+        h = model.embed(run.tok)[:, None]
+        cos, sin = model.rotary(h, cache.positions(None, slots, 1))
+        end, start = run.end(1), run.start()
+        step = cache.step(None, slots, 1, end, (cos, sin), start)
+        tokens = torch.empty(n, dtype=torch.long, device=device)
+        where = torch.arange(n, device=device)  # each staying row's place in this step's batch
+        rows = None  # the staying rows' cache rows (None: all, in order)
+        done = 0  # layers run so far
+        for e, k in enumerate(model.exit_layers):
+            for layer in range(done, k + 1):
+                h = model.layer(layer, h, step, cache)
+            run.layer_passes += where.shape[0] * (k + 1 - done)
+            done = k + 1
+            if not thresholds[e] <= 1.0:  # this exit never fires: no gate, no sync
+                continue
+            fire = model.gate_score(e, h[:, 0]) >= thresholds[e]
+            if not per_row:
+                fire = fire.all().expand_as(fire)
+            order, counts = partition(fire.long(), 2)
+            stay, leave = to_host(counts)
+            if leave:
+                out = order[stay:]
+                h_out = gather_rows(h, out)
+                scatter_rows(tokens, gather_rows(where, out), model.exit_logits(e, h_out[:, -1]).argmax(-1))
+                out_rows = out if rows is None else gather_rows(rows, out)
+                cs_out = (gather_rows(cos, out), gather_rows(sin, out))
+                out_step = cache.step(out_rows, gather_rows(slots, out), 1, end, cs_out, start)
+                for layer in range(k + 1, model.num_layers):
+                    model.propagate(layer, h_out, out_step, cache)
+                run.exit_counts[e] += leave
+                kept = order[:stay]
+                h, where, cos, sin, slots = (gather_rows(t, kept) for t in (h, where, cos, sin, slots))
+                rows = kept if rows is None else gather_rows(rows, kept)
+                step = cache.step(rows, slots, 1, end, (cos, sin), start)
+            if not stay:
+                break
+        if where.shape[0]:
+            for layer in range(done, model.num_layers):
+                h = model.layer(layer, h, step, cache)
+            run.layer_passes += where.shape[0] * (model.num_layers - done)
+            run.exit_counts[-1] += where.shape[0]
+            scatter_rows(tokens, where, model.final_logits(h[:, -1]).argmax(-1))
+        one = torch.ones_like(run.tok)
+        run.emit(tokens[:, None], one, one)
+        run.steps += 1
+
+
+STRATEGIES = {"full": full, "self_speculative": self_speculative, "early_exit": early_exit}

@@ -1,0 +1,135 @@
+"""Decoding engine speed: Hugging Face greedy vs adaexit ``full`` / ``self_speculative`` / ``early_exit``.
+
+``python -m bench.bench_decode [--quick] [--batches 1,8] [--new-tokens 32] [--layers 30] [--repeats 3]
+[--threads N] [--json PATH]``
+
+A random Llama with SmolLM2-135M's shape (width 576, 9 heads / 3 KV heads, MLP 1536, vocabulary 49,152;
+``--layers`` decoder layers), fp32 on CPU. Random weights say nothing about exit quality, so the benchmark
+gives the model **good exits by construction**: the layers after the draft exit (``--draft-layer``, default a
+quarter of the depth) write nothing to the residual stream (``o_proj`` and ``down_proj`` zeroed; they still
+run their full compute and attention), so the exit's token always equals the last layer's. That measures what
+the engine delivers when the exits allow it:
+
+* ``self_speculative`` accepts every draft; its ideal is the time of the work that must run (measured layer and
+  head costs) over the full model's;
+* ``early_exit`` with gates firing for every row (the truncated model plus state propagation);
+* ``full`` against HF ``generate``: the engine alone, no exits.
+
+Interleaved medians (A B C A B C...), ratios only: the machine is shared. ``--quick``: tiny sizes (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import adaexit
+from adaexit.decoding.costs import ideal_speedup, step_costs
+
+from . import apply_threads, comma_list, common_arguments, finish, format_table, interleaved_times, machine, median
+
+
+def build(layers: int, quick: bool, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    if quick:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    else:
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                          tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def perfect_exit_after(lm: LlamaForCausalLM, k: int) -> None:
+    """Layers after ``k`` keep computing but add nothing: exit ``k`` agrees with the last layer everywhere."""
+    with torch.no_grad():
+        for layer in lm.model.layers[k + 1 :]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+
+def run_bench(args) -> dict:
+    layers = 4 if args.quick else args.layers
+    k = args.draft_layer if args.draft_layer is not None else max(0, layers // 4 - 1)
+    lm = build(layers, args.quick)
+    perfect_exit_after(lm, k)
+    model = adaexit.wrap(lm, exits=[f"model.layers.{k}"])
+    with torch.no_grad():
+        model.gates[0].bias.fill_(30.0)  # every gate fires (the exit is perfect)
+    model.set_policy(adaexit.ConfidencePolicy("maxprob", [0.5]))
+    never = lm.config.vocab_size + 1  # no EOS: every row runs the whole budget
+    rows = []
+    for batch in args.batches:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(3, lm.config.vocab_size, (batch, args.prompt_len), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1::2, : args.prompt_len // 2] = 0  # every other row half as long (left padding)
+        ids = ids.masked_fill(mask == 0, 0)
+        common = dict(max_new_tokens=args.new_tokens, eos_token_id=never, pad_token_id=0)
+        ref = lm.generate(ids, attention_mask=mask, do_sample=False, **common)
+        outs, infos = {}, {}
+
+        def ours(strategy, **options):
+            def call():
+                outs[strategy], infos[strategy] = adaexit.generate(model, ids, mask, strategy=strategy,
+                                                                   return_info=True, **common, **options)
+            return call
+
+        fns = {
+            "hf_generate": lambda: lm.generate(ids, attention_mask=mask, do_sample=False, **common),
+            "full": ours("full"),
+            "self_speculative": ours("self_speculative", draft_exit=0, num_draft=args.num_draft),
+            "early_exit": ours("early_exit"),
+        }
+        with torch.no_grad():
+            times = interleaved_times(fns, repeats=args.repeats, warmup=1)
+            costs = step_costs(model, batch, args.prompt_len + args.new_tokens // 2, args.num_draft + 1)
+        hf = median(times["hf_generate"])
+        for name in fns:
+            t = median(times[name])
+            row = dict(strategy=name, batch=batch, ms=t, tokens_per_s=batch * args.new_tokens / (t / 1000),
+                       speedup_vs_hf=hf / t)
+            if name != "hf_generate":
+                info = infos[name]
+                row.update(exact=bool(torch.equal(outs[name], ref)), layers_per_token=info.mean_layers_per_token,
+                           ideal=ideal_speedup(name, info, model, costs, k, args.num_draft) if name != "full" else 1.0)
+                row["measured_over_ideal_vs_full"] = (median(times["full"]) / t) / row["ideal"]
+            rows.append(row)
+    return {"rows": rows, "machine": machine(), "layers": layers, "draft_layer": k, "num_draft": args.num_draft,
+            "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
+
+
+def format_report(report: dict) -> str:
+    cols = [("strategy", "strategy", ""), ("batch", "batch", "d"), ("ms", "ms", ".0f"),
+            ("tokens_per_s", "tok/s", ".1f"), ("speedup_vs_hf", "x HF", ".2f"), ("exact", "exact", ""),
+            ("layers_per_token", "layers/tok", ".1f"), ("ideal", "ideal vs full", ".2f"),
+            ("measured_over_ideal_vs_full", "measured/ideal", ".2f")]
+    head = (f"random Llama, {report['layers']} layers, perfect exit after layer {report['draft_layer']}, "
+            f"{report['num_draft']} drafts, {report['new_tokens']} new tokens")
+    return head + "\n" + format_table(report["rows"], cols)
+
+
+def main(argv=None) -> int:
+    parser = common_arguments(argparse.ArgumentParser(prog="bench.bench_decode", description=__doc__.split("\n")[0]))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--draft-layer", type=int, default=None)
+    parser.add_argument("--num-draft", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    apply_threads(parser, args)
+    args.batches = comma_list(parser, args.batches, "--batches")
+    if args.quick:
+        args.batches, args.new_tokens, args.prompt_len, args.repeats = [1, 3], 8, 8, 1
+    return finish(run_bench(args), args, format_report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
