@@ -62,7 +62,7 @@ def build(batch: int = BATCH, model: str = "isotropic", seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 1, 28, 28, generator=gen)
     model = make(seed)
-    model.set_policy(policy_for_fractions(model, x, FRACTIONS))
+    model.set_policy(policy_for_fractions(model, x, FRACTIONS + (0.0,) * (model.num_exits - 1 - len(FRACTIONS))))
     never = EarlyExitNet(model.stages, model.heads, NeverExitPolicy()).eval()
     with torch.inference_mode():
         _, info = model(x, return_info=True)

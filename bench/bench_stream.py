@@ -56,7 +56,7 @@ from .baselines import adaexit, plain
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
 SYSTEMS = ("chain", "early_exit", "cascade", "combination")
 CHAIN_FRACTIONS = (0.5, 0.25, 0.125)  # half of the rows still running exit at each exit
-COMBINATION_FRACTIONS = (0.5, 0.25, 0.1, 0.05)  # fresh combination: MLP, small CNN, the wide CNN's exits
+COMBINATION_FRACTIONS = (0.5, 0.25, 0.05, 0.05, 0.05)  # fresh combination: MLP, small CNN, the wide CNN's exits
 TARGET_WORK_RATIO = 0.9
 TARGET_CHAIN_FLOPS_RATIO = 0.8  # issue 19 (held-out chain, batch 64)
 #: default and --quick settings: most rows per pass, fewest rows, request batches per pass, seconds per cell
