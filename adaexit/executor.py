@@ -298,8 +298,16 @@ def run_module(i: int, node: Node, rows):
         return node.module(rows)
     except (RuntimeError, ValueError) as err:
         shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
-        kind = ValueError if isinstance(err, ValueError) else RuntimeError
-        raise kind(f"node {i} ({node.name}) failed on its input ({shape}): {err}") from err
+        raise node_failure(f"node {i} ({node.name}) failed on its input ({shape}): {err}", err, i) from err
+
+
+def node_failure(message: str, cause: Exception, node: int) -> Exception:
+    """``message`` as the kind of error ``cause`` is (``ValueError`` stays one, anything else becomes a
+    ``RuntimeError``), with ``.node``: the index of the node it names (so callers do not name it again)."""
+    error = (ValueError if isinstance(cause, ValueError) else RuntimeError)(message)
+    error.node = node
+    error.__cause__ = cause
+    return error
 
 
 def _decide(nodes, i, part: Part, router: Router, packing: Packing):

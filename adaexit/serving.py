@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import AdaptiveModel
-from .executor import num_rows
+from .executor import node_failure, num_rows
 from .stream import Scheduler, batch_info, prepare
 
 _SLACK_S = 1e-4  # wake a little after a deadline, so the scheduler sees it expired
@@ -231,17 +231,15 @@ class Server:
         """A node failed: the scheduler already failed the requests whose rows it held; they resolve (with
         the error) once their other rows are out. Anything else (a bug in the scheduler): fail everything
         in flight and start over."""
-        if getattr(err, "__cause__", None) is not None and any(b.error is err for b in self._scheduler.open):
+        if err is self._scheduler.last_failure:  # (a batch keeps its first error: identity there would miss)
             self._resolve()
             return
         failed = [batch.tag for batch in self._scheduler.open]
         self._scheduler = self._new_scheduler()
-        kind = ValueError if isinstance(err, ValueError) else RuntimeError
         for request in failed:
             if request is not None and not request.future.done():
-                error = kind(f"Server: {str(err).removeprefix('stream: ')}")
-                error.__cause__ = err
-                request.future.set_exception(error)
+                request.future.set_exception(node_failure(f"Server: {str(err).removeprefix('stream: ')}", err,
+                                                          getattr(err, "node", None)))
 
 
 __all__ = ["Server"]

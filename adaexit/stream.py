@@ -32,7 +32,17 @@ from typing import Iterable, Iterator
 import torch
 
 from .base import AdaptiveModel, ExitInfo
-from .executor import ExecutionTrace, Packing, Part, merge, needs_source, num_rows, run_node, validate_graph
+from .executor import (
+    ExecutionTrace,
+    Packing,
+    Part,
+    merge,
+    needs_source,
+    node_failure,
+    num_rows,
+    run_node,
+    validate_graph,
+)
 from .kernels import gather_rows, scatter_rows
 from .kernels._dispatch import to_host
 
@@ -100,7 +110,7 @@ class Scheduler:
         if max_wait_ms is not None and not max_wait_ms >= 0:
             raise ValueError(f"stream: max_wait_ms must be >= 0, got {max_wait_ms}")
         self.batch_size = int(batch_size)
-        self.capacity = int(max_rows_in_flight or 4 * self.batch_size)
+        self.capacity = int(4 * self.batch_size if max_rows_in_flight is None else max_rows_in_flight)
         if self.capacity < 1:
             raise ValueError(f"stream: max_rows_in_flight must be >= 1, got {max_rows_in_flight}")
         self.model = model
@@ -110,6 +120,7 @@ class Scheduler:
             raise ValueError(f"stream: the model's graph has {len(self.nodes)} nodes; stream runs graphs of up "
                              f"to {MAX_NODES}")
         self.track_visits = bool(track_visits)
+        self.last_failure: Exception | None = None  # the last node failure whose rows were failed
         self.max_wait = None if max_wait_ms is None else max_wait_ms / 1e3
         self.source = needs_source(self.nodes)
         self.queues: list[deque[_Queued]] = [deque() for _ in self.nodes]
@@ -204,10 +215,10 @@ class Scheduler:
             result = run_node(self.nodes, i, part, self.model.route, self.packing,
                               groups=(base, self.next_number - base))
         except Exception as err:
-            kind = ValueError if isinstance(err, ValueError) else RuntimeError
-            error = kind(f"stream: node {i} ({node.name}) failed on {len(part)} rows: {err}")
-            error.__cause__ = err
+            inner = err.__cause__ if getattr(err, "node", None) == i else err  # (run_module named the node)
+            error = node_failure(f"stream: node {i} ({node.name}) failed on {len(part)} rows: {inner}", err, i)
             self._fail(part, error)
+            self.last_failure = error  # (a Server tells node failures, whose rows are failed, from bugs)
             raise error from err
         self.stats.runs[i] += 1
         self.stats.rows_run[i] += len(part)

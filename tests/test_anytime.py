@@ -211,7 +211,7 @@ def test_anytime_deadline_stops_before_a_stage_that_would_miss_it():
     assert model.stages[2].calls == calls  # the slow stage never ran
     assert info.exit_index.tolist() == [1] * 5
     assert info.stop_counts["deadline"] == 5
-    assert info.deadline_met and info.elapsed_ms < 150
+    assert info.deadline_met
     torch.testing.assert_close(logits, dense_at(model, x, info.exit_index), atol=1e-5, rtol=1e-5)
 
 
