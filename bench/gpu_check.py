@@ -6,7 +6,7 @@ within a hard time budget, rehearsed on the CPU.
 It drives what already exists and adds only what only it does - the budget, the report, host-sync counts and
 a CUDA-graph section hook. Sections, in order of value (a GPU session may be cut short):
 
-1. ``kernel_tests`` - the kernel test files (``tests/conftest.py``'s ``KERNEL_TESTS``) run by pytest with
+1. ``kernel_tests`` - the kernel test files (``bench.kernel_cases.KERNEL_TESTS``) run by pytest with
    ``--device cuda`` (``TRITON_INTERPRET=0``): every case of the test suite on the compiled kernels, CUDA
    tensors, against the references (``cpu_only`` tests skipped with their reason). Failures are listed.
 2. ``host_syncs`` - ``host_sync_count()`` around early-exit forwards: one per decision point that ran, none
@@ -69,6 +69,7 @@ from adaexit.kernels._triton import HAS_TRITON
 from adaexit.kernels.ops import exit_gate as exit_gate_mod
 
 from . import EARLY_EXIT_MODELS, bench_wrap, format_table, machine, median, policy_for_fractions, write_json
+from .kernel_cases import KERNEL_TESTS
 from .profile import decision_points, make_timer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,6 @@ TITLES = {
     "end_to_end": "Wrapped ResNet-50 end to end",
     "cuda_graph": "Zero-sync mode in a CUDA graph",
 }
-KERNEL_TESTS = ("test_exit_gate.py", "test_partition.py", "test_gather_scatter.py", "test_compact.py", "test_torch_ops.py")
 DRY_SELECTION = "capacity or padded or empty or opcheck"  # the dry run's quick slice of the kernel tests
 BENCHMARKS = ("bench/bench_exit_gate.py", "bench/bench_compaction.py")
 #: (models, batches, px, repeats, quick) of bench_wrap for a GPU run and the dry run

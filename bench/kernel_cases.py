@@ -24,12 +24,13 @@ from adaexit.kernels.ops import partition as _partition_mod
 # ----------------------------------------------------------------------------------------------------
 # Tolerances
 #
-# The same table as ``tests/conftest.py`` (one row per dtype, atol scaled with the reduction length), for
-# the GPU kit, which must not import the test suite's conftest (importing it sets TRITON_INTERPRET=1).
-# tests/test_gpu_check.py fails if the two ever differ. The better home is one definition here, imported
-# by conftest; until conftest is changed to do that, this is a pinned copy.
+# One row per dtype, atol scaled with the reduction length; ``tests/conftest.py`` and the GPU kit import it.
 RTOL = {torch.float32: 1.3e-6 * 10, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 ATOL_PER_SQRT_K = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+# The kernel test files: conftest switches them to ``--device``; the GPU kit runs them on CUDA.
+KERNEL_TESTS = ("test_exit_gate.py", "test_partition.py", "test_gather_scatter.py", "test_compact.py", "test_torch_ops.py")
 
 
 def tolerance(dtype: torch.dtype, reduction_length: int = 1) -> dict:

@@ -20,16 +20,7 @@ import torch  # noqa: E402
 
 # One tolerance table per dtype (FlagGems' RESOLUTION idea), defined once beside the kernel case lists that
 # the tests and the GPU kit share.
-from bench.kernel_cases import ATOL_PER_SQRT_K, RTOL, tolerance  # noqa: E402,F401
-
-
-KERNEL_TESTS = (
-    "test_exit_gate.py",
-    "test_partition.py",
-    "test_gather_scatter.py",
-    "test_compact.py",
-    "test_torch_ops.py",
-)
+from bench.kernel_cases import ATOL_PER_SQRT_K, KERNEL_TESTS, RTOL, tolerance  # noqa: E402,F401
 
 
 def pytest_addoption(parser):
