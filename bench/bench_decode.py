@@ -52,10 +52,13 @@ def perfect_exit_after(lm: LlamaForCausalLM, k: int) -> None:
             layer.mlp.down_proj.weight.zero_()
 
 
-def run_bench(args) -> dict:
+def run_bench(args, device: torch.device | str = "cpu") -> dict:
+    """The table of :func:`main` (``args``: its options) with the model and prompts on ``device`` (the GPU
+    kit's decoding section passes CUDA; timings then sync the device)."""
+    device = torch.device(device)
     layers = 4 if args.quick else args.layers
     k = args.draft_layer if args.draft_layer is not None else max(0, layers // 4 - 1)
-    lm = build(layers, args.quick)
+    lm = build(layers, args.quick).to(device)
     perfect_exit_after(lm, k)
     model = adaexit.wrap(lm, exits=[f"model.layers.{k}"])
     with torch.no_grad():
@@ -68,7 +71,7 @@ def run_bench(args) -> dict:
         ids = torch.randint(3, lm.config.vocab_size, (batch, args.prompt_len), generator=g)
         mask = torch.ones_like(ids)
         mask[1::2, : args.prompt_len // 2] = 0  # every other row half as long (left padding)
-        ids = ids.masked_fill(mask == 0, 0)
+        ids, mask = ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
         common = dict(max_new_tokens=args.new_tokens, eos_token_id=never, pad_token_id=0)
         ref = lm.generate(ids, attention_mask=mask, do_sample=False, **common)
         outs, infos = {}, {}
@@ -86,7 +89,7 @@ def run_bench(args) -> dict:
             "early_exit": ours("early_exit"),
         }
         with torch.no_grad():
-            times = interleaved_times(fns, repeats=args.repeats, warmup=1)
+            times = interleaved_times(fns, repeats=args.repeats, warmup=1, device=device)
             costs = step_costs(model, batch, args.prompt_len + args.new_tokens // 2, args.num_draft + 1)
         hf = median(times["hf_generate"])
         for name in fns:
@@ -99,7 +102,7 @@ def run_bench(args) -> dict:
                            ideal=ideal_speedup(name, info, model, costs, k, args.num_draft) if name != "full" else 1.0)
                 row["measured_over_ideal_vs_full"] = (median(times["full"]) / t) / row["ideal"]
             rows.append(row)
-    return {"rows": rows, "machine": machine(), "layers": layers, "draft_layer": k, "num_draft": args.num_draft,
+    return {"rows": rows, "machine": machine(), "device": str(device), "layers": layers, "draft_layer": k, "num_draft": args.num_draft,
             "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
 
 
@@ -113,7 +116,8 @@ def format_report(report: dict) -> str:
     return head + "\n" + format_table(report["rows"], cols)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """:func:`main`'s options (the GPU kit's decoding section reads them too)."""
     parser = common_arguments(argparse.ArgumentParser(prog="bench.bench_decode", description=__doc__.split("\n")[0]))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
@@ -128,6 +132,11 @@ def main(argv=None) -> int:
     args.batches = comma_list(parser, args.batches, "--batches")
     if args.quick:
         args.batches, args.new_tokens, args.prompt_len, args.repeats = [1, 3], 8, 8, 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     return finish(run_bench(args), args, format_report)
 
 

@@ -77,15 +77,17 @@ _T0_ENV = "ADAEXIT_GPU_CHECK_T0"  # the first process's start time, handed to a 
 _REEXEC_ENV = "ADAEXIT_GPU_CHECK_REEXEC"
 DEFAULT_BUDGET_S = 480.0
 
-SECTIONS = ("kernel_tests", "host_syncs", "kernel_timing", "end_to_end", "cuda_graph")
+SECTIONS = ("kernel_tests", "host_syncs", "kernel_timing", "end_to_end", "cuda_graph", "decoding")
 # Share of the remaining budget each section may use when it starts (unused time passes on).
-SHARES = {"kernel_tests": 0.40, "host_syncs": 0.05, "kernel_timing": 0.20, "end_to_end": 0.25, "cuda_graph": 0.10}
+SHARES = {"kernel_tests": 0.35, "host_syncs": 0.05, "kernel_timing": 0.20, "end_to_end": 0.20, "cuda_graph": 0.10,
+          "decoding": 0.10}
 TITLES = {
     "kernel_tests": "Kernel tests on the device (pytest --device)",
     "host_syncs": "Host synchronisations per decision point",
     "kernel_timing": "Kernel benchmarks (GB/s, copy bandwidth)",
     "end_to_end": "Wrapped ResNet-50 end to end",
     "cuda_graph": "Zero-sync mode in a CUDA graph",
+    "decoding": "Decoding: exactness and tokens/s (bench.bench_decode)",
 }
 DRY_SELECTION = "capacity or padded or empty or opcheck"  # the dry run's quick slice of the kernel tests
 BENCHMARKS = ("bench/bench_exit_gate.py", "bench/bench_compaction.py")
@@ -778,6 +780,31 @@ def format_markdown(report: dict) -> str:
 
 
 # ====================================================================================================
+# 6. Decoding: adaexit.generate's strategies against Hugging Face greedy on the device
+
+
+def decoding(sec: Section) -> None:
+    """``bench.bench_decode`` on the device (dry run: its ``--quick`` sizes): a random Llama with a perfect
+    exit, every strategy exact against ``lm.generate(do_sample=False)``, tokens/s and speedups beside the ideal."""
+    try:
+        from . import bench_decode
+    except ImportError as err:  # transformers (adaexit[hf]) absent
+        sec.record.update(status="skipped", reason=f"bench.bench_decode needs transformers: {err}")
+        return
+    args = bench_decode.parse_args(["--quick"] if sec.dry else ["--batches", "1,8,32", "--repeats", "3"])
+
+    def run():
+        report = bench_decode.run_bench(args, device=sec.device)
+        sec.record["results"] = report["rows"]
+        inexact = [f"{r['strategy']} b{r['batch']}" for r in report["rows"] if r.get("exact") is False]
+        lossless = [r for r in inexact if not r.startswith("early_exit")]
+        assert not lossless, f"not equal to Hugging Face greedy: {lossless}"
+        return {f"{r['strategy']} b{r['batch']}": round(r["speedup_vs_hf"], 2) for r in report["rows"]}
+
+    sec.check("full / self_speculative equal HF greedy; tokens/s vs HF", run)
+
+
+# ====================================================================================================
 # Main
 
 
@@ -787,6 +814,7 @@ RUNNERS = {
     "kernel_timing": kernel_timing,
     "end_to_end": end_to_end,
     "cuda_graph": cuda_graph,
+    "decoding": decoding,
 }
 
 

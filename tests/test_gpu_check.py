@@ -68,6 +68,10 @@ def test_dry_run_passes_every_section(tmp_path):
 
     assert sections["cuda_graph"]["results"]["host_syncs"] == 0  # the zero-sync mode, eager on the CPU
 
+    decode = {(row["strategy"], row["batch"]): row for row in sections["decoding"]["results"]}
+    assert all(decode[(s, b)]["exact"] for s in ("full", "self_speculative") for b in (1, 3))
+    assert all(row["tokens_per_s"] > 0 for row in decode.values())
+
     (row,) = sections["end_to_end"]["results"]
     assert row["model"] == "resnet50" and sum(row["exit_counts"]) == row["batch"] and row["flops_ideal"] >= 1.0
     assert row["plain_ms"] > 0 and row["adaexit_ms"] > 0
