@@ -379,3 +379,16 @@ def test_anytime_training_uses_the_shared_weightings(weighting):
     out = [torch.randn(4, CLASSES, requires_grad=True) for _ in range(3)]
     value = loss(out, torch.zeros(4, dtype=torch.long))
     assert value.requires_grad and loss.last["weights"].mean() == pytest.approx(1.0)
+
+
+def test_anytime_predict_does_not_keep_its_model_alive():
+    """The shared runner lives with its model: a model used once by ``anytime_predict`` is freed with it."""
+    import gc
+    import weakref
+
+    model = sleepy_net([0, 0])
+    anytime_predict(model, torch.randn(3, 6))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import numbers
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -389,14 +388,12 @@ class AnytimeRunner:
     __call__ = predict
 
 
-# One runner per model, so deadlines keep learning from earlier calls.
-_RUNNERS: "weakref.WeakKeyDictionary[nn.Module, AnytimeRunner]" = weakref.WeakKeyDictionary()
-
-
 def _runner(model) -> AnytimeRunner:
-    runner = _RUNNERS.get(model)
+    """The model's own runner, so deadlines keep learning from earlier calls. Kept on the model (a cycle the
+    garbage collector frees with it), not in a weak-keyed table whose values would keep their keys alive."""
+    runner = model.__dict__.get("_anytime_runner")
     if runner is None:
-        runner = _RUNNERS[model] = AnytimeRunner(model)
+        runner = model.__dict__["_anytime_runner"] = AnytimeRunner(model)
     return runner
 
 
