@@ -11,6 +11,7 @@ creating any module, stages first, then heads.
 
 from __future__ import annotations
 
+import io
 from typing import Sequence
 
 import torch
@@ -355,3 +356,11 @@ def check_wrap(name: str, model: nn.Module, x: torch.Tensor, exits: Sequence[str
     # sub-batches round differently from the full batch (deep models: up to ~2e-5 on a logit)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     return {"exits": list(exits), "layouts": list(wrapped.layouts), "exit_counts": info.exit_counts}
+
+
+def round_trip(state: dict) -> dict:
+    """``state`` through ``torch.save`` and ``torch.load(weights_only=True)`` (how users load checkpoints)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -1,7 +1,6 @@
 """Cascade / network selection: nothing lost, per-example equivalence, skipping, costs, oracle, errors."""
 
 import copy
-import io
 import json
 import math
 
@@ -24,7 +23,7 @@ from adaexit.calibration.thresholds import ChainSearch, route_options
 from adaexit.cost import chain_flops, count_flops
 from adaexit.kernels import _dispatch
 from adaexit.simulation import budget_losses, simulate_routes
-from helpers import RowCounter, dense_scores, easy_hard, first_exit, fit, mlp_net, randn_inputs
+from helpers import RowCounter, dense_scores, easy_hard, first_exit, fit, mlp_net, randn_inputs, round_trip
 
 CLASSES = 5
 DIM = 8
@@ -673,11 +672,9 @@ def test_offsets_move_exactly_the_exit_and_skip_decisions():
         assert torch.equal(clone.policy.routes(outputs.logits), got)
     assert torch.equal(policy.routes(outputs.logits), routes)
     # a freshly built cascade (default policy) restores the fitted policy from a weights-only checkpoint
-    buffer = io.BytesIO()
-    torch.save(c.state_dict(), buffer)
-    buffer.seek(0)
+    state = round_trip(c.state_dict())
     fresh = Cascade(c.models).eval()
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.load_state_dict(state)
     assert isinstance(fresh.policy, NetworkSelectionPolicy)
     assert torch.equal(fresh.policy.routes(outputs.logits), c.policy.routes(outputs.logits))
 

@@ -18,7 +18,6 @@ running (its policy saved and restored), and bad inputs refused with a message n
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +41,7 @@ from helpers import (
     plain_image_net,
     plain_vec_net,
     randn_inputs,
+    round_trip,
     wrap_hf_kind,
     wrap_sequential_kind,
     wrap_timm_kind,
@@ -189,14 +189,6 @@ def take(x, index):
     """Rows ``index`` of a batch (a tensor, or a mapping of tensors)."""
     index = torch.as_tensor(index, dtype=torch.long)
     return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
-
-
-def round_trip(state: dict) -> dict:
-    """``state`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def wide_gap_threshold(scores: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ from torch import nn
 import adaexit
 from adaexit import ConfidencePolicy
 from adaexit.policies import Policy
+from helpers import round_trip
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face wrappers need transformers (adaexit[hf])")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -278,15 +279,6 @@ def test_real_minilm_never_exit_is_exact_and_rows_are_padding_invariant():
 # ---------------------------------------------------------------------------------------------
 # One surface, one shape, saved exits, mode, Hugging Face clients (issues 20, 22)
 # ---------------------------------------------------------------------------------------------
-def _saved(module) -> dict:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 def test_the_wrapped_model_has_the_shape_every_wrapped_model_has():
     model = small("bert")
     ee = adaexit.wrap(model, exits=exits("bert"))
@@ -304,7 +296,7 @@ def test_the_wrapped_model_has_the_shape_every_wrapped_model_has():
 def test_saved_state_round_trips_and_other_exits_are_refused():
     model = small("bert")
     ee = adaexit.wrap(model, exits=exits("bert"), policy=ConfidencePolicy("maxprob", [0.3, 0.3]))
-    state = _saved(ee)
+    state = round_trip(ee.state_dict())
     twin = adaexit.wrap(small("bert"), exits=exits("bert"))
     twin.load_state_dict(state)
     x = inputs_for("bert")

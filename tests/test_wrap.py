@@ -10,7 +10,6 @@ The sweep over every torchvision builder is ``tests/test_torchvision_wrap.py``.
 """
 
 import copy
-import io
 import warnings
 
 import pytest
@@ -21,6 +20,7 @@ import adaexit
 from adaexit import Cascade, ConfidencePolicy, EarlyExitNet, ExitHead, LogitsHead, stream, wrap
 from adaexit.heads import ChannelsFirst, SelectToken
 from adaexit.wrappers import ModelExits, candidate_exits, pick_exits
+from helpers import round_trip
 
 torchvision = pytest.importorskip("torchvision", reason="the torchvision adapter tests need torchvision")
 M = torchvision.models
@@ -230,12 +230,10 @@ def test_state_dict_round_trip_and_deepcopy(resnet):
     with torch.no_grad():
         _, info = wrapped(x, return_info=True)
     assert min(info.exit_counts) > 0, info.exit_counts
-    buffer = io.BytesIO()
-    torch.save(wrapped.state_dict(), buffer)
-    buffer.seek(0)
+    state = round_trip(wrapped.state_dict())
     twin_model = M.resnet18(num_classes=10).eval()
     twin = wrap(twin_model, exits=["layer2"]).eval()  # heads not built yet: the state gives their shapes
-    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    twin.load_state_dict(state)
     assert isinstance(twin.policy, ConfidencePolicy) and twin.policy.thresholds == pytest.approx([threshold])
     copied = copy.deepcopy(wrapped)
     assert copied.stages[0].conv1 is copied.model.conv1 and copied.model.conv1 is not resnet.conv1
@@ -541,24 +539,17 @@ def test_pick_exits_skips_cuts_that_save_nothing_and_bad_arguments_are_named():
 # ---------------------------------------------------------------------------------------------
 # Saved state knows its exits; state before the first batch; mode; pure prepare_input (issues 20, 22)
 # ---------------------------------------------------------------------------------------------
-def _saved(module) -> dict:
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 def test_a_model_wrapped_without_example_input_saves_before_its_first_batch():
     torch.manual_seed(0)
     wrapped = wrap(sequential_cnn(), exits=["1", "3"])
-    state = _saved(wrapped)  # the heads still wait for their widths: no uninitialised weights in the file
+    state = round_trip(wrapped.state_dict())  # the heads still wait for their widths: no uninitialised weights in the file
     assert not any(k.startswith("exit_heads.") for k in state) and state["_extra_state"]["exits"] == ["1", "3"]
     twin = wrap(sequential_cnn(), exits=["1", "3"])
     twin.load_state_dict(state)  # strict: the waiting heads are not missing keys
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
         out = wrapped(x)  # builds the heads
-    later = _saved(wrapped)
+    later = round_trip(wrapped.state_dict())
     assert later["exit_heads.0.classifier.weight"].shape == (10, 8)
     fresh = wrap(sequential_cnn(), exits=["1", "3"])
     fresh.load_state_dict(later)  # the waiting heads take the saved widths and weights
@@ -572,7 +563,7 @@ def test_a_model_wrapped_without_example_input_saves_before_its_first_batch():
 
 def test_a_state_saved_for_other_exits_is_refused_naming_both(resnet):
     x = torch.randn(1, 3, 32, 32)
-    state = _saved(wrap(resnet, exits=["layer1", "layer2"], example_input=x))
+    state = round_trip(wrap(resnet, exits=["layer1", "layer2"], example_input=x).state_dict())
     other = wrap(resnet, exits=["layer2", "layer3"], example_input=x)
     with pytest.raises(ValueError, match=r"saved for exits \['layer1', 'layer2'\].*has exits \['layer2', 'layer3'\]"):
         other.load_state_dict(state)
@@ -580,7 +571,7 @@ def test_a_state_saved_for_other_exits_is_refused_naming_both(resnet):
     same.load_state_dict(state)
     assert same.get_extra_state() == {"exits": ["layer1", "layer2"], "layouts": ["nchw", "nchw"]}
     swin = M.swin_t(num_classes=3)
-    saved = _saved(wrap(swin, exits=["features.1"], example_input=torch.randn(1, 3, 32, 32)))
+    saved = round_trip(wrap(swin, exits=["features.1"], example_input=torch.randn(1, 3, 32, 32)).state_dict())
     saved["_extra_state"] = {"exits": ["features.1"], "layouts": ["nchw"]}
     with pytest.raises(ValueError, match="exit 'features.1' was saved with layout 'nchw', but reads 'nhwc'"):
         wrap(swin, exits=["features.1"], example_input=torch.randn(1, 3, 32, 32)).load_state_dict(saved)
