@@ -359,7 +359,10 @@ def run_node(nodes: list[Node], i: int, part: Part, router: Router, packing: Pac
     num_routes = 1 + len(node.successors)
     g = 1 if groups is None else groups[1]
     key = route if g == 1 else torch.add(meta[:, 1], route, alpha=g).sub_(groups[0])
-    order, counts = partition(key, num_routes * g)
+    try:
+        order, counts = partition(key, num_routes * g)
+    except ValueError as err:  # (the CPU path checks route values; name the node that made them)
+        raise ValueError(f"node {i} ({node.name}): the router gave routes outside [0, {num_routes}): {err}") from err
     need = None
     if isinstance(features, RowBatch):  # (RowBatch.route_lengths reads routes as long, as documented)
         need = features.route_lengths(route.long() if route.dtype == torch.bool else route, num_routes)
@@ -410,10 +413,20 @@ class ExecutionTrace:
     counts: torch.Tensor | None = None
 
     def settle(self) -> "ExecutionTrace":
-        """Read device-side counts into the lists (zero-sync mode; nothing to do otherwise)."""
+        """Read device-side counts into the lists (zero-sync mode; nothing to do otherwise).
+
+        Raises ``ValueError`` if a router lost rows: zero-sync mode cannot check routes when it runs (that
+        would read the device), so it gives lost rows NaN logits and ``exit_index`` -1, and says so here."""
         if self.counts is not None:
             self.exit_counts, self.rows_run, self.rows_decided = to_host(self.counts)
             self.counts = None
+            lost = len(self.exit_index) - sum(self.exit_counts)
+            if lost:
+                raise ValueError(
+                    f"the policy lost rows ({lost} of {len(self.exit_index)}; their logits are NaN, their "
+                    "exit_index -1): routes must lie in [0, 1 + len(successors[k])) at every node k; "
+                    "set_execution(sync=True) names the node"
+                )
         return self
 
 
@@ -538,15 +551,18 @@ def _execute_static(nodes, x, router, state, packing) -> tuple[torch.Tensor, Exe
                 raise ValueError(f"node {i} ({node.name}): rows exit here but the router gave no logits")
             exiting = None  # the router gives no logits here: no row may exit (a route 0 would be lost)
         if exiting is not None:
-            if logits_out is None:
-                logits_out = torch.empty((n + 1, logits.shape[1]), dtype=logits.dtype, device=device)
+            if logits_out is None:  # NaN until written: a row a bad router lost is never a plausible answer
+                logits_out = torch.full((n + 1, logits.shape[1]), float("nan"), dtype=logits.dtype, device=device)
             dest = torch.where(exiting, packing.ids(meta), n)
             logits_out.index_copy_(0, dest, logits if logits.dtype == logits_out.dtype else logits.to(logits_out.dtype))
             exit_index.index_fill_(0, dest, i)
     exit_index = exit_index[:n]
-    # (bincount would sync on CUDA to size its output; -1: a row a bad router lost, counted nowhere)
+    # (bincount would sync on CUDA to size its output; -1: a row a bad router lost, counted nowhere: settle raises)
     exit_counts = torch.zeros(len(nodes) + 1, dtype=torch.long, device=device)
     exit_counts = exit_counts.scatter_add_(0, exit_index + 1, torch.ones_like(exit_index))[1:]
     counts = torch.stack([exit_counts, torch.stack(rows_run), torch.stack(rows_decided)])
     trace = ExecutionTrace(exit_index, counts=counts)
+    if logits_out is None:  # every row lost before any exit: NaN of the last head's width (settle raises)
+        classes = getattr(nodes[-1].head, "num_classes", 0) or 0
+        logits_out = torch.full((n + 1, classes), float("nan"), device=device)
     return logits_out[:n], trace

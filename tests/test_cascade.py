@@ -252,6 +252,27 @@ def test_random_multiway_routes(kind, n, seed):
         torch.testing.assert_close(logits, dense[exits, torch.arange(n)], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_router_that_loses_rows_is_named_in_both_modes(sync):
+    """Routes outside [0, 1 + successors) lose rows. The syncing mode names the node when it runs; the
+    zero-sync mode cannot look, so the lost rows get NaN logits and exit_index -1, and reading the info
+    raises: never a plausible wrong answer."""
+    c = build("networks")
+    n = 8
+    table = [torch.tensor([0, 1] * 4), torch.tensor([0, 0, 0, 9] * 2)]  # rows 3 and 7 take route 9 at node 1
+    c.set_policy(TablePolicy(table)).set_execution(sync=sync)
+    x = inputs(n, seed=3)
+    with torch.no_grad():
+        if sync:
+            with pytest.raises(ValueError, match=r"node 1 \(model 1 .*routes outside \[0, 2\)"):
+                c(x)
+            return
+        logits = c(x)
+        assert torch.isnan(logits[[3, 7]]).all() and not torch.isnan(logits[[0, 1, 2, 4, 5, 6]]).any()
+        with pytest.raises(ValueError, match=r"lost rows \(2 of 8; their logits are NaN"):
+            c(x, return_info=True)
+
+
 def test_one_host_sync_per_decision():
     c = build("with_een", ConfidencePolicy("maxprob", [0.6, 0.6, 0.6]))
     x = inputs(64, seed=9)
