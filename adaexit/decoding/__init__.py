@@ -1,11 +1,13 @@
-"""Decoder LLMs: batched greedy decoding with per-row self-speculation and per-row early exit.
+"""Decoder LLMs: batched greedy or sampled decoding with per-row self-speculation and per-row early exit.
 
 * :class:`CausalLMExits` (:mod:`.model`): a Hugging Face Llama-family causal LM with exits after named decoder
   layers, their heads (default: the model's own final norm + LM head, shared) and cheap gates;
   ``adaexit.wrap(lm, exits=["model.layers.K", ...])`` builds one.
 * :class:`RowCache` (:mod:`.cache`): a static KV cache with a length and positions per row.
 * :func:`generate` (:mod:`.generate`): ``"full"``, ``"self_speculative"`` and ``"early_exit"`` decoding
-  (:mod:`.strategies`), equal to ``lm.generate(..., do_sample=False)`` for the lossless strategies.
+  (:mod:`.strategies`), equal to ``lm.generate(..., do_sample=False)`` for the lossless strategies; with
+  ``do_sample=True`` (:mod:`.sampling`) ``"full"`` draws as ``lm.generate(do_sample=True)`` and
+  ``"self_speculative"`` is lossless in distribution (speculative sampling).
 * :mod:`.costs`: measured step costs and the ideal speedup a run's acceptance / layers per token allows.
 """
 

@@ -1,6 +1,6 @@
-"""``generate``: batched greedy decoding of a :class:`CausalLMExits` with per-row state.
+"""``generate``: batched greedy or sampled decoding of a :class:`CausalLMExits` with per-row state.
 
-Returns what ``lm.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=False,
+Returns what ``lm.generate(input_ids, attention_mask=..., max_new_tokens=..., do_sample=...,
 eos_token_id=..., pad_token_id=...)`` returns for left-padded prompts: ``[B, P + T]`` with ``T`` the longest
 row's new tokens, padding after a row's EOS.
 """
@@ -14,6 +14,7 @@ import torch
 from ..kernels import host_sync_count
 from .cache import RowCache
 from .model import CausalLMExits, is_causal_lm
+from .sampling import Sampler
 from .strategies import STRATEGIES, Run
 
 OPTIONS = {"full": {}, "self_speculative": {"draft_exit": 0, "num_draft": 4, "draft_threshold": None}, "early_exit": {"per_row": True}}
@@ -99,9 +100,14 @@ def generate(
     eos_token_id=None,
     pad_token_id=None,
     return_info: bool = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
     **options,
 ):
-    """Greedy decoding of left-padded prompts with per-row state.
+    """Greedy (default) or sampled decoding of left-padded prompts with per-row state.
 
     Args:
         model: a :class:`CausalLMExits` (``adaexit.wrap(lm, exits=[...])``).
@@ -113,6 +119,17 @@ def generate(
             thresholds on the gates; option ``per_row=False`` for the whole-batch rule).
         eos_token_id, pad_token_id: ``None`` takes the model's generation config (pad falls back to EOS).
         return_info: also return a :class:`DecodeInfo`.
+        do_sample, temperature, top_k, top_p: Hugging Face's sampling (``do_sample=True``): the logits divided
+            by ``temperature``, then the ``top_k`` most likely tokens kept, then the smallest set holding
+            ``top_p`` of the probability, then a multinomial draw. ``top_k=None`` / ``top_p=None``: no filter
+            (unlike ``lm.generate``, nothing comes from the model's generation config, whose default top-k is 50).
+        generator: a ``torch.Generator`` on the model's device for the draws (``None``: the global one).
+
+    What each strategy guarantees when sampling: ``"full"`` draws exactly as ``lm.generate(do_sample=True)``
+    (same tokens on the same random state, until the first row finishes: finished rows stop drawing);
+    ``"self_speculative"`` is lossless in distribution (speculative sampling: each row's tokens follow the full
+    model's warped distribution, though not draw for draw); ``"early_exit"`` samples from the exit a row
+    leaves at (lossy, as its greedy form is).
 
     Returns:
         long ``[B, P + T]`` (and the info with ``return_info=True``).
@@ -139,11 +156,12 @@ def generate(
         t = settings["draft_threshold"]
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
             raise ValueError(f"draft_threshold must be None or a gate score in [0, 1], got {t!r}")
+    device = next(model.lm.parameters()).device
+    sampler = Sampler(do_sample, temperature, top_k, top_p, generator, device)
     config = model.lm.generation_config
     eos = _token_list(eos_token_id if eos_token_id is not None else config.eos_token_id, "eos_token_id")
     pad = pad_token_id if pad_token_id is not None else config.pad_token_id
     pad = _token_list(pad, "pad_token_id")[:1] or eos[:1] or [0]
-    device = next(model.lm.parameters()).device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
     mask = _check_prompt(input_ids, attention_mask, max_new_tokens, model.max_positions)
     syncs = host_sync_count()
@@ -158,7 +176,7 @@ def generate(
             model.num_layers, batch, model.num_kv_heads, prompt_len + max_new_tokens + slack, model.head_dim,
             padding=(mask == 0).sum(1), prompt_len=prompt_len, dtype=param.dtype, device=device,
         )
-        run = Run(model, cache, input_ids[:, -1], max_new_tokens, eos, pad[0], slack)
+        run = Run(model, cache, input_ids[:, -1], max_new_tokens, eos, pad[0], slack, sampler=sampler)
         first = run.prefill(input_ids)
         none = torch.zeros_like(first)
         run.emit(first[:, None], none + 1, none)

@@ -1,4 +1,4 @@
-"""The decoding loops: ``full`` greedy, ``self_speculative`` (lossless) and ``early_exit`` (per row).
+"""The decoding loops: ``full``, ``self_speculative`` (lossless) and ``early_exit`` (per row).
 
 Each runs on a :class:`Run` (the rows still decoding, their pending token and the per-row cache) after the
 prompt's prefill, and returns when every row has finished. A row finishes at its EOS or at
@@ -6,6 +6,9 @@ prompt's prefill, and returns when every row has finished. A row finishes at its
 
 Host synchronisations: one per step (which rows finished, how far each row got), plus one per exit point
 whose threshold can fire (``early_exit``: the sizes of the leaving and staying groups).
+
+Every token is chosen by the run's :class:`~adaexit.decoding.sampling.Sampler`: the argmax (greedy), or a draw
+from the warped distribution (``do_sample=True``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from ..kernels import compact, gather_rows, partition, scatter_rows
 from ..kernels._dispatch import to_host
 from .cache import RowCache
 from .model import CausalLMExits
+from .sampling import Sampler, speculative_accept
 
 
 class Run:
@@ -26,13 +30,16 @@ class Run:
         row_ids: long ``[n]``: each row's index in the input batch.
         count: long ``[n]``: tokens emitted so far per row; ``count_host`` the same on the host.
         out: long ``[B, max_new_tokens + slack]``: emitted tokens per input row, padding elsewhere.
+        sampler: turns logits into tokens (default: greedy).
     """
 
-    def __init__(self, model: CausalLMExits, cache: RowCache, tok, max_new_tokens, eos, pad, slack, keep_finished=False):
+    def __init__(self, model: CausalLMExits, cache: RowCache, tok, max_new_tokens, eos, pad, slack, keep_finished=False,
+                 sampler: Sampler | None = None):
         device = tok.device
         self.model, self.cache, self.max_new = model, cache, max_new_tokens
         self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=device)
         self.pad = pad
+        self.sampler = sampler if sampler is not None else Sampler()
         batch = tok.shape[0]
         self.out = torch.full((batch, max_new_tokens + slack), pad, dtype=torch.long, device=device)
         self.row_ids = torch.arange(batch, device=device)
@@ -105,7 +112,8 @@ class Run:
         return first if all(length == first for length in self.lengths_host) else None
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The prompt through the whole model (every layer's K/V cached); the first token per row."""
+        """The prompt through the whole model (every layer's K/V cached); the first token per row (chosen by the
+        sampler)."""
         model, cache = self.model, self.cache
         n, p = input_ids.shape
         h = model.embed(input_ids)
@@ -114,11 +122,12 @@ class Run:
         step = cache.step(None, slots, p, p, cos_sin, start=0)
         for i in range(model.num_layers):
             h = model.layer(i, h, step, cache)
-        return model.final_logits(h[:, -1]).argmax(-1)
+        return self.sampler(model.final_logits(h[:, -1]))
 
 
 def full(run: Run) -> None:
-    """Greedy decoding, one token per row per step, every layer."""
+    """One token per row per step, every layer: Hugging Face's greedy decoding, or its sampling (the same draws
+    on the same random state while no row has finished; afterwards finished rows no longer draw)."""
     model = run.model
     while run.n:
         cache = run.cache
@@ -130,7 +139,7 @@ def full(run: Run) -> None:
             h = model.layer(i, h, step, cache)
         run.layer_passes += run.n * model.num_layers
         run.exit_counts[-1] += run.n
-        tokens = model.final_logits(h[:, -1]).argmax(-1)
+        tokens = run.sampler(model.final_logits(h[:, -1]))
         one = torch.ones_like(run.tok)
         run.emit(tokens[:, None], one, one)
         run.steps += 1
@@ -146,9 +155,14 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold:
     token and drafts) through layers ``k+1..``; each row accepts its own longest prefix of drafts equal to the
     full model's greedy tokens, plus the full model's next token. Its cache length grows by what it accepted;
     its rejected slots are simply left behind (never attended, overwritten).
+
+    Sampling: drafts are drawn from the exit's warped distribution ``q`` and each row keeps them by the
+    speculative-sampling rule (:func:`~adaexit.decoding.sampling.speculative_accept`), so its tokens are
+    distributed as the full model's warped sampling (lossless in distribution, not draw for draw).
     """
     model = run.model
     k = model.exit_layers[draft_exit]
+    sampler = run.sampler
     while run.n:
         cache, n, device = run.cache, run.n, run.tok.device
         room = run.max_new - min(run.count_host)
@@ -157,6 +171,8 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold:
         hidden = torch.zeros(n, m + 1, model.hidden_size, dtype=model.lm.lm_head.weight.dtype, device=device)
         drafts = torch.full((n, max(m, 1)), -1, dtype=torch.long, device=device)
         counts = torch.zeros(n, dtype=torch.long, device=device)  # drafts per row
+        # sampling: the distribution each draft was drawn from
+        q = torch.zeros(n, max(m, 1), model.vocab_size, device=device) if sampler.do_sample else None
         x, active, widest = run.tok, None, 0  # active: the rows still drafting (None: all)
         for i in range(m):
             sl = slots if active is None else gather_rows(slots, active)
@@ -166,8 +182,10 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold:
             step = cache.step(active, sl + i, 1, run.end(i + 1), cos_sin, common)
             for layer in range(k + 1):
                 h = model.layer(layer, h, step, cache)
-            x = model.exit_logits(draft_exit, h[:, -1]).argmax(-1)
+            x, probs = sampler.pick(model.exit_logits(draft_exit, h[:, -1]))
             where = torch.arange(n, device=device) if active is None else active
+            if q is not None:
+                q[where, i] = probs
             hidden[where, i] = h[:, 0]
             drafts[where, i] = x
             counts[where] += 1
@@ -194,13 +212,18 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold:
         step = cache.step(None, slots, widest + 1, run.end(widest + 1), cos_sin, start)
         for layer in range(k + 1, model.num_layers):
             h = model.layer(layer, h, step, cache)
-        verified = model.final_logits(h).argmax(-1)  # [n, widest + 1]: the full model's token after each input
-        if widest:
-            steps = torch.arange(widest, device=device)
-            match = (drafts[:, :widest] == verified[:, :widest]) & (steps[None, :] < counts[:, None])
-            accepted = match.long().cumprod(1).sum(1)
+        logits = model.final_logits(h)  # [n, widest + 1, vocab]: the full model's after each input
+        if q is not None:
+            verified, accepted = speculative_accept(sampler, drafts[:, :widest], counts, q[:, :widest],
+                                                    sampler.probs(logits))
         else:
-            accepted = torch.zeros_like(run.tok)
+            verified = logits.argmax(-1)
+            if widest:
+                steps = torch.arange(widest, device=device)
+                match = (drafts[:, :widest] == verified[:, :widest]) & (steps[None, :] < counts[:, None])
+                accepted = match.long().cumprod(1).sum(1)
+            else:
+                accepted = torch.zeros_like(run.tok)
         run.layer_passes += n * model.num_layers
         run.exit_counts[-1] += n
         run.accepted.append((run.row_ids, accepted))
@@ -216,6 +239,7 @@ def early_exit(run: Run, per_row: bool = True) -> None:
     ``k`` fills the K/V of layers ``k+1..`` for its token by state propagation (CALM): those layers' K/V
     projections of its layer-``k`` hidden state, so later tokens attend to a whole cache. With
     ``per_row=False`` the batch leaves together only when every row's gate fires (CALM's batch rule).
+    Sampling draws a row's token from the warped distribution of the exit it leaves at (lossy, like greedy).
     """
     model = run.model
     thresholds = model.thresholds
@@ -246,7 +270,7 @@ def early_exit(run: Run, per_row: bool = True) -> None:
             if leave:
                 out = order[stay:]
                 h_out = gather_rows(h, out)
-                scatter_rows(tokens, gather_rows(where, out), model.exit_logits(e, h_out[:, -1]).argmax(-1))
+                scatter_rows(tokens, gather_rows(where, out), run.sampler(model.exit_logits(e, h_out[:, -1])))
                 out_rows = out if rows is None else gather_rows(rows, out)
                 cs_out = (gather_rows(cos, out), gather_rows(sin, out))
                 out_step = cache.step(out_rows, gather_rows(slots, out), 1, end, cs_out, start)
@@ -264,7 +288,7 @@ def early_exit(run: Run, per_row: bool = True) -> None:
                 h = model.layer(layer, h, step, cache)
             run.layer_passes += where.shape[0] * (model.num_layers - done)
             run.exit_counts[-1] += where.shape[0]
-            scatter_rows(tokens, where, model.final_logits(h[:, -1]).argmax(-1))
+            scatter_rows(tokens, where, run.sampler(model.final_logits(h[:, -1])))
         one = torch.ones_like(run.tok)
         run.emit(tokens[:, None], one, one)
         run.steps += 1
