@@ -329,6 +329,10 @@ def _decide(nodes, i, part: Part, router: Router, packing: Packing):
     return features, logits, route, meta, loose
 
 
+def _no_logits(i: int, node: Node) -> ValueError:
+    return ValueError(f"node {i} ({node.name}): rows exit here but the router gave no logits")
+
+
 def run_node(nodes: list[Node], i: int, part: Part, router: Router, packing: Packing,
              groups: tuple[int, int] | None = None) -> NodeResult:
     """Run node ``i`` on the rows of ``part``, let the router decide, and split the rows by route.
@@ -342,10 +346,9 @@ def run_node(nodes: list[Node], i: int, part: Part, router: Router, packing: Pac
     features, logits, route, meta, loose = _decide(nodes, i, part, router, packing)
     part = Part(meta, part.payload, part.source, loose)
     result = NodeResult(decided=route is not None or not node.successors)  # (a terminal node's head always runs)
-    no_logits = ValueError(f"node {i} ({node.name}): rows exit here but the router gave no logits")
     if not node.successors:  # terminal: everyone exits, no partition needed
         if logits is None:
-            raise no_logits
+            raise _no_logits(i, node)
         result.exits.append((meta, logits))
         if groups is not None:
             base, g = groups
@@ -379,7 +382,7 @@ def run_node(nodes: list[Node], i: int, part: Part, router: Router, packing: Pac
             sel = None if size == count else order[start : start + size]
             if r == 0:
                 if logits is None:
-                    raise no_logits
+                    raise _no_logits(i, node)
                 result.exits.append((take_rows(meta, sel), take_rows(logits, sel)))
             else:
                 target = node.successors[r - 1]

@@ -48,7 +48,7 @@ class AdaptivePredictor:
         input_column: the column holding the model's input rows (a tensor column: ``[B, ...]``).
         batch_size: ``None`` runs each Ray batch as one eval-mode forward; an integer streams the Ray
             batch in chunks of that many rows through :func:`adaexit.stream` (every node runs on full
-            chunks; memory bounded by ``4 * batch_size`` rows in flight).
+            chunks; at most ``16 * batch_size`` rows in flight).
         num_threads: ``torch.set_num_threads`` in the actor (one actor per CPU: 1); ``None`` keeps torch's.
         device: where the model runs (``"cpu"`` default; ``"cuda"`` with ``num_gpus=1`` per actor).
 

@@ -16,7 +16,15 @@ Scheduling rules (:class:`Scheduler`):
   the deepest non-empty queue (finishing rows makes room); if the input has ended, the shallowest one
   (moving rows on fills the later queues); if a queued row has waited ``max_wait_ms``, its queue;
 * admit a new input batch only while the rows in flight stay within ``max_rows_in_flight`` (default
-  ``4 * batch_size``; a batch larger than the bound is admitted alone), so memory stays bounded.
+  ``4 * batch_size``, :func:`stream`'s ``16 * batch_size``; a batch larger than the bound is admitted alone),
+  so memory stays bounded.
+
+Rows in flight are mostly rows already done, waiting in the output ring (their logits only) for the rest of
+their batch: each queue holds fewer than ``batch_size`` rows after the full ones ran, so activations stay
+within about ``batch_size`` rows per node whatever the bound. The bound matters for deep nodes: a node
+that a fraction ``p`` of the rows reach fills only once about ``batch_size / p`` rows are in flight; below
+that, reaching the bound runs it on a partial queue (a chain with 12.5% reaching its last node runs it on
+16 rows on average at ``4 * batch_size``, 58 at ``16 * batch_size``).
 
 Host synchronisation: one per decision point, as in one batch: the partition runs on route x input
 batch, so the same read says how many rows of each batch finished (a terminal node: one read of that).
@@ -47,6 +55,7 @@ from .kernels import gather_rows, scatter_rows
 from .kernels._dispatch import to_host
 
 MAX_NODES = 62  # a row's visited nodes are bits of one int64
+STREAM_BATCHES_IN_FLIGHT = 16  # stream()'s default bound, in batches (a Scheduler's own default: 4)
 
 
 @dataclass
@@ -328,7 +337,8 @@ def stream(
         batch_size: rows per node run (default: the first batch's size).
         max_wait_ms: run a partial queue once a row has waited this long (checked between node runs;
             for requests arriving in real time use :class:`adaexit.Server`).
-        max_rows_in_flight: bound on rows admitted and not yet yielded (default ``4 * batch_size``).
+        max_rows_in_flight: bound on rows admitted and not yet yielded (default ``16 * batch_size``: deep
+            nodes fill, see the module docstring; the rows waiting for their batch hold only their logits).
         return_info: yield ``(output, info)``, ``info`` the batch's :class:`~adaexit.ExitInfo` as
             ``model(batch, return_info=True)`` gives it.
 
@@ -344,7 +354,8 @@ def stream(
             n = num_rows(x)
             if scheduler is None:
                 size = batch_size if batch_size is not None else max(1, n)
-                scheduler = Scheduler(model, size, max_wait_ms, max_rows_in_flight, track_visits=return_info)
+                bound = STREAM_BATCHES_IN_FLIGHT * size if max_rows_in_flight is None else max_rows_in_flight
+                scheduler = Scheduler(model, size, max_wait_ms, bound, track_visits=return_info)
             while not scheduler.can_admit(n):
                 scheduler.step(drain=True)
                 yield from _outputs(model, scheduler, return_info)

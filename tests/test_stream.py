@@ -119,6 +119,32 @@ def test_rows_in_flight_stay_bounded_and_nodes_run_full():
     assert sum(stats.rows_run[1:]) < sum(stats.runs[1:]) * 16 * 2
 
 
+def _last_stage_rows_per_run(model, batches, batch_size, **kwargs) -> float:
+    rows = []
+    hook = model.stages[-1].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        for _ in adaexit.stream(model, batches, batch_size=batch_size, **kwargs):
+            pass
+    finally:
+        hook.remove()
+    return sum(rows) / len(rows)
+
+
+def test_stream_default_bound_lets_a_deep_node_fill():
+    """An eighth of the rows reach the last stage: it fills only with about 8 batches in flight. stream()'s
+    default bound (16 batches) lets it run on full batches; a 4-batch bound runs it on partial ones."""
+    from bench.bench_stream import CHAIN_FRACTIONS, chain
+    from bench import policy_for_fractions
+
+    model = chain(width=16)
+    x = randn_inputs(48 * 16, 16, seed=0)
+    model.set_policy(policy_for_fractions(model, x, CHAIN_FRACTIONS))
+    batches = list(x.split(16))
+    full = _last_stage_rows_per_run(model, batches, 16)
+    partial = _last_stage_rows_per_run(model, batches, 16, max_rows_in_flight=4 * 16)
+    assert full >= 0.75 * 16 > partial
+
+
 def test_a_batch_larger_than_the_bound_is_admitted_alone():
     model = early_exit()
     assert_streams_like_per_batch(model, batches_of([3, 100, 5]), batch_size=4, max_rows_in_flight=8)

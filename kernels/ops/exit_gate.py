@@ -334,6 +334,11 @@ def _validate(h, weight, bias, criterion, gate):
 def exit_gate_torch(h, weight, bias=None, *, criterion="maxprob", threshold=1.0, gate=None):
     """Reference: unfused torch (pool -> fp32 F.linear -> softmax -> statistics -> compare)."""
     N, D, K = _validate(h, weight, bias, criterion, gate)
+    return _gate_torch(h, weight, bias, criterion, threshold, gate, K)
+
+
+def _gate_torch(h, weight, bias, criterion, threshold, gate, K):
+    """:func:`exit_gate_torch` on validated arguments (the op's CPU path: the public function validated them)."""
     x = h.float()
     if x.dim() > 2:
         x = x.flatten(2).mean(dim=2)
@@ -341,11 +346,12 @@ def exit_gate_torch(h, weight, bias=None, *, criterion="maxprob", threshold=1.0,
         logits = x.contiguous()
     else:
         logits = F.linear(x, weight.float(), None if bias is None else bias.float())
-    p = torch.softmax(logits, dim=1)
-    top1, idx = p.max(dim=1)
-    if criterion == "maxprob":  # only what the criterion needs: this is the CPU users' path
-        score = top1
+    if criterion == "maxprob":  # the CPU users' path, in a few cheap ops (a CPU softmax over few classes is
+        # slow): the top-1 probability is 1 / sum(exp(logits - max)), in (0, 1] (the max's own term is 1)
+        score = (logits - logits.amax(dim=1, keepdim=True)).exp_().sum(dim=1).reciprocal_()
     else:
+        p = torch.softmax(logits, dim=1)
+        top1, idx = p.max(dim=1)
         # second largest probability; a tied maximum is masked only once, so top2 == top1 then
         top2 = p.scatter(1, idx[:, None], -1.0).max(dim=1).values
         if criterion == "margin":
@@ -360,8 +366,10 @@ def exit_gate_torch(h, weight, bias=None, *, criterion="maxprob", threshold=1.0,
                 clamp = lambda t: t.clamp(0.0, 1.0)  # noqa: E731
                 z = g[0] * clamp(top1) + g[1] * clamp(top1 - top2) + g[2] * clamp(ent_score) + g[3]
                 score = torch.sigmoid(z)
-    score = score.clamp(0.0, 1.0)
-    score = score.masked_fill(~torch.isfinite(logits).all(dim=1), float("nan"))
+        score = score.clamp(0.0, 1.0)
+    # a row with a non-finite logit scores NaN: a NaN or +inf logit already makes it NaN, and min * 0 is NaN
+    # for a -inf (or NaN) minimum, 0 otherwise (one reduction, where isfinite + all + masked_fill take four ops)
+    score = score + logits.amin(dim=1) * 0
     exit_mask = score >= float(threshold)  # NaN compares False: never exits
     return logits, score.contiguous(), exit_mask
 
@@ -464,8 +472,9 @@ def _exit_gate_impl(
     if use_triton(h.device):
         N, D = h.shape[0], h.shape[1]
         return _launch(h, weight, bias, criterion, threshold, gate, N, D, D if weight is None else weight.shape[0])
-    logits, score, exit_mask = exit_gate_torch(h, weight, bias, criterion=criterion, threshold=threshold, gate=gate)
-    if logits.untyped_storage().data_ptr() == h.untyped_storage().data_ptr():
+    K = h.shape[1] if weight is None else weight.shape[0]
+    logits, score, exit_mask = _gate_torch(h, weight, bias, criterion, threshold, gate, K)
+    if weight is None and logits.untyped_storage().data_ptr() == h.untyped_storage().data_ptr():
         logits = logits.clone()  # weight=None on contiguous fp32 h: an op's output never aliases its input
     return logits, score, exit_mask
 

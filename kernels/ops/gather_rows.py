@@ -139,6 +139,11 @@ def gather_rows_torch(x: torch.Tensor, index: torch.Tensor, *, padded: bool = Fa
     """Reference: ``x[index]`` (``index_select`` for contiguous ``x``: same values, faster on CPU); with
     ``padded``, index ``-1`` gives a zero row."""
     _check(x, index)
+    return _gather_reference(x, index, padded)
+
+
+def _gather_reference(x: torch.Tensor, index: torch.Tensor, padded: bool) -> torch.Tensor:
+    """:func:`gather_rows_torch` on checked arguments (the op's path: the public function checked them)."""
     if padded:
         check_index_values(index, x.shape[0], padded=True)
         return padded_rows_torch(x, index)
@@ -218,7 +223,7 @@ def _gather_rows_impl(x: torch.Tensor, index: torch.Tensor, padded: bool) -> tor
     if use_triton(x.device):
         check_index_values(index, x.shape[0], padded=padded)
         return gather_rows_triton(x, index)
-    rows = gather_rows_torch(x, index, padded=padded)
+    rows = _gather_reference(x, index, padded)
     return rows if x.is_contiguous() else in_row_layout(rows, x)  # contiguous x: rows are contiguous too
 
 

@@ -176,16 +176,31 @@ def _per_route(order: torch.Tensor, counts: torch.Tensor, capacity: int) -> torc
 
 
 def partition_torch(route: torch.Tensor, num_routes: int, *, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: stable sort of the routes; counts by ``scatter_add_`` (no host sync on any device)."""
+    """Reference: stable sort of the routes; counts by ``bincount`` on the CPU, ``scatter_add_`` elsewhere
+    (``bincount`` would sync to size its output); no host sync on any device."""
     _check(route, num_routes)
     _check_capacity(capacity)
+    return _partition_reference(route, num_routes, capacity)
+
+
+def _partition_reference(route: torch.Tensor, num_routes: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partition_torch` on checked arguments (the op's path: the public function checked them)."""
     keys = route.to(torch.int64)
-    counts = torch.zeros(num_routes, dtype=torch.int64, device=route.device)
-    try:  # scatter_add_ bounds-checks the routes on CPU: no separate pass over them
-        counts.scatter_add_(0, keys, torch.ones_like(keys))
-    except RuntimeError:
-        _check_values(route, num_routes)  # raises the ValueError
-        raise
+    if route.device.type == "cpu":  # one op; it rejects negative routes, and larger ones lengthen its output
+        try:
+            counts = torch.bincount(keys, minlength=num_routes)
+        except RuntimeError:
+            _check_values(route, num_routes)  # raises the ValueError
+            raise
+        if counts.shape[0] != num_routes:
+            _check_values(route, num_routes)  # raises the ValueError
+    else:
+        counts = torch.zeros(num_routes, dtype=torch.int64, device=route.device)
+        try:  # scatter_add_ bounds-checks the routes where it can: no separate pass over them
+            counts.scatter_add_(0, keys, torch.ones_like(keys))
+        except RuntimeError:
+            _check_values(route, num_routes)  # raises the ValueError
+            raise
     order = torch.sort(keys, stable=True).indices
     return (order if capacity is None else _per_route(order, counts, capacity)), counts
 
@@ -242,7 +257,7 @@ def bytes_moved(route: torch.Tensor, num_routes: int, capacity: int | None = Non
 # ---------------------------------------------------------------------------------------------
 def _partition_impl(route: torch.Tensor, num_routes: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(route.device):
-        return partition_torch(route, num_routes, capacity=capacity)
+        return _partition_reference(route, num_routes, capacity)
     _check_values(route, num_routes)
     return partition_triton(route, num_routes, capacity)
 

@@ -137,6 +137,11 @@ def scatter_rows_torch(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor
     """Reference: ``out[index] = src`` (``index_copy_`` when both are contiguous: same result, faster); with
     ``padded``, rows whose index is ``-1`` are skipped (no host sync: they are written to a scratch row)."""
     _check(out, index, src)
+    return _scatter_reference(out, index, src, padded)
+
+
+def _scatter_reference(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, padded: bool) -> torch.Tensor:
+    """:func:`scatter_rows_torch` on checked arguments (the op's path: the public function checked them)."""
     check_index_values(index, out.shape[0], padded=padded)  # before any write: a rejected call leaves out untouched
     if padded:
         # one extra row takes the padding slots' writes, so the copy needs no data-dependent size
@@ -203,7 +208,7 @@ def _scatter_rows_impl(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor
         check_index_values(index, out.shape[0], padded=padded)
         scatter_rows_triton(out, index, src)
     else:
-        scatter_rows_torch(out, index, src, padded=padded)
+        _scatter_reference(out, index, src, padded)
 
 
 _scatter_rows_op = torch.library.custom_op("adaexit::scatter_rows", mutates_args=("out",))(_scatter_rows_impl)
