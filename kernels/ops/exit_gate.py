@@ -332,7 +332,8 @@ def _validate(h, weight, bias, criterion, gate):
 
 
 def exit_gate_torch(h, weight, bias=None, *, criterion="maxprob", threshold=1.0, gate=None):
-    """Reference: unfused torch (pool -> fp32 F.linear -> softmax -> statistics -> compare)."""
+    """Reference: unfused torch (pool -> fp32 F.linear -> softmax statistics -> compare; maxprob without the
+    softmax tensor)."""
     N, D, K = _validate(h, weight, bias, criterion, gate)
     return _gate_torch(h, weight, bias, criterion, threshold, gate, K)
 
