@@ -3,9 +3,15 @@
 :class:`Server` puts a :class:`~adaexit.stream.Scheduler` (a queue per graph node, each node run on full
 batches) behind ``submit(x) -> concurrent.futures.Future``. One background worker thread owns the
 scheduler: it admits submitted requests while the rows in flight leave room, runs the node whose queue is
-full (or whose oldest row has waited ``max_wait_ms``, so a lone request is never stuck), and resolves each
-request's future as soon as all of its rows are done. Between node runs it sleeps on a condition variable
-until a request arrives, the oldest queued row's wait expires, or the server closes: no busy loop.
+full (or whose oldest row has waited ``max_wait_ms`` since its request was submitted, so a lone request is
+never stuck), and resolves each request's future as soon as all of its rows are done. Between node runs it
+sleeps on a condition variable until enough rows arrive to fill the first node's batch (the first request
+when nothing is queued), the oldest queued row's wait expires, or the server closes: no busy loop, and no
+wake-up per request.
+
+Per-request costs are kept off the per-request path: the worker admits every waiting request that fits in
+one go (one concatenation, a few tensor ops in all: :meth:`~adaexit.stream.Scheduler.admit_many`) and takes
+the finished requests' outputs out in one copy (each request gets views of its own rows of it).
 
 A server survives its clients: a request that fails validation, or fails in a node, never changes what
 later requests may be. The rows' shape, dtype and device are the model's: learnt from the first request
@@ -38,6 +44,7 @@ class _Request:
     n: int
     return_info: bool
     spec: tuple | None  # (per-row shape, dtype, device) of a tensor request
+    since: float  # time.monotonic() at submit: its rows' wait counts from here
 
 
 def row_spec(x) -> tuple | None:
@@ -57,7 +64,7 @@ class Server:
             while the server runs).
         batch_size: rows per node run: a node runs as soon as its queue holds this many rows.
         max_wait_ms: a queue holding fewer rows runs once one of its rows has waited this long since its
-            request was admitted (the latency a lone request pays on top of its compute).
+            request was submitted (the latency a lone request pays on top of its compute).
         max_rows_in_flight: bound on rows admitted and not yet returned (default ``4 * batch_size``); a
             request larger than the bound is admitted alone.
 
@@ -90,7 +97,8 @@ class Server:
         self._scheduler = self._new_scheduler()
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()  # submitted, not yet admitted
-        self._arrivals = 0  # requests submitted so far (the worker sleeps only when none came meanwhile)
+        self._pending_rows = 0  # their rows (a 0-row request counts 1: it must wake an idle worker too)
+        self._wake_rows = 1  # pending rows at which submit wakes the sleeping worker
         self._closed = False
         self._row_spec = None  # (per-row shape, dtype, device): from the first request that succeeded
         self._flight_spec = None  # that of the requests in flight while the row spec is not known yet
@@ -114,12 +122,14 @@ class Server:
                 f"successful request) have shape {_describe(known)}"
             )
         future: Future = Future()
+        n = num_rows(x)
         with self._cond:
             if self._closed:
                 raise RuntimeError("Server.submit: the server is closed")
-            self._pending.append(_Request(future, x, num_rows(x), bool(return_info), spec))
-            self._arrivals += 1
-            self._cond.notify()
+            self._pending.append(_Request(future, x, n, bool(return_info), spec, time.monotonic()))
+            self._pending_rows += max(n, 1)
+            if self._pending_rows >= self._wake_rows:  # (fewer rows change nothing before the deadline)
+                self._cond.notify()
         return future
 
     def close(self) -> None:
@@ -151,7 +161,6 @@ class Server:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    seen = self._arrivals
                     admitted = self._admit()
                     if self._closed and not self._pending and self._scheduler.idle:
                         return
@@ -166,47 +175,64 @@ class Server:
                 if ran or admitted:
                     continue
                 with self._cond:
-                    if self._closed or self._arrivals != seen:
+                    if self._closed:
                         continue
                     deadline = self._scheduler.deadline()
                     timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + _SLACK_S
+                    # a request wakes us when its rows would fill the first node's batch; with nothing
+                    # queued (no deadline), the first request does
+                    self._wake_rows = 1 if deadline is None or blocked else max(
+                        1, self.batch_size - self._scheduler.queued[0])
+                    if self._pending_rows >= self._wake_rows:  # (arrived since the admission above)
+                        continue
                     if blocked and timeout is None:  # cannot happen (rows in flight are queued); never hang
                         timeout = self.max_wait_ms / 1e3 + _SLACK_S
                     self._cond.wait(timeout)
 
     def _admit(self) -> bool:
-        """Admit pending requests while there is room (called with the lock held). Until a request has
-        succeeded, one of another row shape than those in flight waits for them to finish."""
-        admitted = False
-        while self._pending and self._scheduler.can_admit(self._pending[0].n):
+        """Admit the pending requests that fit, all at once (called with the lock held). Until a request
+        has succeeded, one of another row shape than those in flight waits for them to finish."""
+        scheduler, taken, rows = self._scheduler, [], 0
+        while self._pending:
             request = self._pending[0]
+            n = request.n
+            if not (scheduler.can_admit(rows + n) and (not taken or rows + n <= scheduler.capacity)):
+                break  # (only a request alone may exceed the bound)
             if request.spec is not None:
                 if self._row_spec is not None and request.spec != self._row_spec:  # learnt since submit
-                    self._pending.popleft()
+                    self._pop()
                     if request.future.set_running_or_notify_cancel():
                         request.future.set_exception(ValueError(
                             f"Server.submit: x has rows of shape {_describe(request.spec)}; this model's rows "
                             f"(from its first successful request) have shape {_describe(self._row_spec)}"))
                     continue
                 if self._row_spec is None:
-                    if self._scheduler.idle:
+                    if scheduler.idle and not taken:
                         self._flight_spec = None
                     if self._flight_spec not in (None, request.spec):
                         break  # wait for the requests in flight
-            self._pending.popleft()
-            if not request.future.set_running_or_notify_cancel():
-                continue  # cancelled by its caller before it started
-            try:
-                self._scheduler.admit(request.x, tag=request)
-            except Exception as err:
-                request.future.set_exception(err)
-                continue
-            if request.spec is not None and self._row_spec is None:
-                self._flight_spec = request.spec
-            admitted = True
-        if admitted:
-            self._resolve()  # a request of 0 rows is done as soon as it is admitted
-        return admitted
+                    self._flight_spec = request.spec
+            self._pop()
+            if request.future.set_running_or_notify_cancel():  # (else cancelled by its caller)
+                taken.append(request)
+                rows += n
+        if not taken:
+            return False
+        try:
+            scheduler.admit_many([r.x for r in taken], taken, since=min(r.since for r in taken))
+        except Exception:  # one at a time: only the requests at fault fail
+            for request in taken:
+                try:
+                    scheduler.admit(request.x, tag=request, since=request.since)
+                except Exception as err:
+                    request.future.set_exception(err)
+        self._resolve()  # a request of 0 rows is done as soon as it is admitted
+        return True
+
+    def _pop(self) -> _Request:
+        request = self._pending.popleft()
+        self._pending_rows -= max(request.n, 1)
+        return request
 
     def _resolve(self) -> None:
         for request, logits, visits in self._scheduler.pop_done():

@@ -44,6 +44,7 @@ from .executor import (
     ExecutionTrace,
     Packing,
     Part,
+    cat_rows,
     merge,
     needs_source,
     node_failure,
@@ -154,31 +155,44 @@ class Scheduler:
             return not self.open  # alone, once everything before it is out
         return self.next_id + n - (self.open[0].start if self.open else self.next_id) <= self.capacity
 
-    def admit(self, x, tag=None) -> None:
+    def admit(self, x, tag=None, since: float | None = None) -> None:
         """Queue the rows of an input batch at the first node; ``x`` is what ``model.prepare_input``
-        returned for it."""
-        n = num_rows(x)
-        if not self.can_admit(n):
+        returned for it; ``since``: the ``time.monotonic()`` its wait counts from (default: now)."""
+        self.admit_many([x], [tag], since)
+
+    def admit_many(self, xs: list, tags: list | None = None, since: float | None = None) -> None:
+        """Queue several input batches as one part at the first node (one concatenation, a few ops in all
+        rather than per batch); each stays its own batch (own outputs, own failures). Together they must
+        fit the bound (only a lone batch may exceed it). Nothing changes if this raises."""
+        ns = [num_rows(x) for x in xs]
+        n = sum(ns)
+        if not self.can_admit(n) or (len(xs) > 1 and n > self.capacity):
             raise RuntimeError("stream: admit() called with no room; run steps first")
+        tags = [None] * len(xs) if tags is None else tags
         if n:
+            x = cat_rows([x for x, k in zip(xs, ns) if k])
             device = x.device
             state = dict(self.model.init_state(n, device))
             packing = Packing.of(state, extra=2)
-            if self.packing is None:
-                self.packing = packing
-            elif packing != self.packing:
+            if self.packing is not None and packing != self.packing:
                 raise ValueError("stream: the policy's per-row state changed between batches")
+            self.packing = packing
         if n > self.capacity:  # nothing is in flight: grow the ring buffer for this batch
             self.capacity, self.logits, self.visits = n, None, None
-        self.open.append(_Batch(self.next_id, n, n, self.next_number, tag))
+        start, number = self.next_id, self.next_number
+        for k, tag in zip(ns, tags):
+            self.open.append(_Batch(self.next_id, k, k, self.next_number, tag))
+            self.next_id += k
+            self.next_number += 1
         if n:
-            slots = torch.arange(self.next_id, self.next_id + n, device=device).remainder_(self.capacity)
-            head = torch.stack([slots, torch.full_like(slots, self.next_number), torch.zeros_like(slots)], dim=1)
+            slots = torch.arange(start, start + n, device=device).remainder_(self.capacity)
+            numbers = torch.arange(number, self.next_number, device=device)
+            if n != len(xs):  # (1-row requests: one number per row already)
+                numbers = numbers.repeat_interleave(torch.tensor(ns, device=device), output_size=n)
+            head = torch.stack([slots, numbers, torch.zeros_like(slots)], dim=1)
             loose = {key: state[key] for key in packing.loose}
             part = Part(packing.pack(head, state), x, x if self.source else None, loose)
-            self._enqueue(0, _Queued(part, time.monotonic()))
-        self.next_id += n
-        self.next_number += 1
+            self._enqueue(0, _Queued(part, time.monotonic() if since is None else since))
 
     def _enqueue(self, i: int, queued: _Queued) -> None:
         self.queues[i].append(queued)
@@ -277,26 +291,37 @@ class Scheduler:
     def pop_done(self) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
         """``(tag, logits, visits)`` of each finished batch at the front, in input order (``visits``: per
         row, the nodes it ran, bit ``k`` for node ``k``, which :func:`exit_trace` reads; without
-        ``track_visits``, the exit index). A batch a node failed on comes out as ``(tag, error, None)``."""
-        dtype = self.model.output_dtype()
+        ``track_visits``, the exit index). A batch a node failed on comes out as ``(tag, error, None)``.
+        The finished batches' rows are copied out of the ring in one go; each batch gets views of its own
+        rows of that copy."""
+        done = []
         while self.open and self.open[0].remaining == 0:
-            batch = self.open.popleft()
+            done.append(self.open.popleft())
+        if not done:
+            return
+        dtype = self.model.output_dtype()
+        start, n = done[0].start, done[-1].start + done[-1].n - done[0].start
+        if n and self.logits is not None:  # (no ring yet: every batch with rows failed)
+            first = start % self.capacity
+            if first + n <= self.capacity:  # contiguous in the ring: a copy
+                logits, visits = self.logits[first : first + n].clone(), self.visits[first : first + n].clone()
+            else:  # wraps around the ring's end
+                slots = torch.arange(start, start + n, device=self.logits.device) % self.capacity
+                logits, visits = gather_rows(self.logits, slots), gather_rows(self.visits, slots)
+            if dtype is not None and logits.dtype != dtype:
+                logits = logits.to(dtype)
+            sizes = [batch.n for batch in done]
+            logits, visits = logits.split(sizes), visits.split(sizes)
+        for j, batch in enumerate(done):
             if batch.error is not None:
                 yield batch.tag, batch.error, None
-                continue
-            if batch.n == 0:
+            elif batch.n == 0:
                 classes = self.logits.shape[1] if self.logits is not None else self._classes()
                 device = self.logits.device if self.logits is not None else torch.device("cpu")
-                logits = torch.empty((0, classes), device=device)
-                visits = torch.empty(0, dtype=torch.long, device=device)
-            elif batch.start % self.capacity + batch.n <= self.capacity:  # contiguous in the ring: a copy
-                first = batch.start % self.capacity
-                logits = self.logits[first : first + batch.n].clone()
-                visits = self.visits[first : first + batch.n].clone()
-            else:  # wraps around the ring's end
-                slots = torch.arange(batch.start, batch.start + batch.n, device=self.logits.device) % self.capacity
-                logits, visits = gather_rows(self.logits, slots), gather_rows(self.visits, slots)
-            yield batch.tag, (logits if dtype is None or logits.dtype == dtype else logits.to(dtype)), visits
+                yield (batch.tag, torch.empty((0, classes), dtype=dtype, device=device),
+                       torch.empty(0, dtype=torch.long, device=device))
+            else:
+                yield batch.tag, logits[j], visits[j]
 
     def exit_trace(self, visits: torch.Tensor) -> ExecutionTrace:
         """The :class:`~adaexit.executor.ExecutionTrace` of one batch from its rows' visited nodes (one

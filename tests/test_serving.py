@@ -107,6 +107,48 @@ def test_the_wait_counts_from_admission_not_per_node():
     assert scheduler.deadline() is None and scheduler.idle
 
 
+def test_admit_many_keeps_each_batch_its_own():
+    """Batches admitted together (one concatenation, as a Server admits the requests waiting) come out one
+    by one in order, each equal to model(batch), 0-row batches and several sizes mixed; an admission that
+    fails (rows that do not concatenate, or too many) changes nothing."""
+    model = small_combination(DIM, CLASSES)
+    xs = [randn_inputs(n, DIM, seed=i, scale=3) for i, n in enumerate([1, 3, 0, 1, 2])]
+    scheduler = Scheduler(model, batch_size=4, max_rows_in_flight=8)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError):  # torch.cat: rows of two shapes
+            scheduler.admit_many([xs[0], randn_inputs(1, DIM + 1)], tags=["a", "b"])
+        with pytest.raises(RuntimeError, match="no room"):
+            scheduler.admit_many(xs + [randn_inputs(2, DIM)])  # 9 rows > 8
+        assert scheduler.idle and scheduler.next_id == 0 and sum(scheduler.queued) == 0
+        scheduler.admit_many(xs, tags=list(range(len(xs))))
+        assert scheduler.queued[0] == 7 and len(scheduler.queues[0]) == 1  # one part for all of them
+        while scheduler.step(flush=True):
+            pass
+        done = list(scheduler.pop_done())
+        expected = [model(x, return_info=True) for x in xs]
+        infos = [scheduler.exit_trace(visits) for _, _, visits in done]
+    assert [tag for tag, _, _ in done] == list(range(len(xs))) and scheduler.idle
+    for (_, out, _), trace, x, (ref, info) in zip(done, infos, xs, expected):
+        assert out.shape == (x.shape[0], CLASSES)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert torch.equal(trace.exit_index, info.exit_index)
+
+
+def test_a_full_batch_runs_without_waiting_for_max_wait():
+    """The worker sleeps between arrivals, but requests that fill the first node's batch wake it: they run
+    at once, not after max_wait_ms (here a minute)."""
+    model = small_early_exit(DIM, CLASSES, ConfidencePolicy("maxprob", [0.0, 0.0]))  # every row exits first
+    with Server(model, batch_size=8, max_wait_ms=60_000) as server:
+        for rounds in range(3):
+            futures = []
+            for i in range(8):
+                futures.append(server.submit(randn_inputs(1, DIM, seed=i)))
+                time.sleep(0.01)  # the worker admits this one and goes back to sleep
+            for f in futures:
+                assert f.result(timeout=30).shape == (1, CLASSES)
+        assert server.stats.rows_run[0] == 24
+
+
 class Switch(nn.Module):
     """Raises while ``fail`` is set."""
 
