@@ -161,11 +161,11 @@ class Server:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    admitted = self._admit()
+                    admitted = self._admit() if self._admission_due() else False
                     if self._closed and not self._pending and self._scheduler.idle:
                         return
                     ended = self._closed and not self._pending  # nothing more will come: flush
-                    blocked = bool(self._pending)  # requests wait for room: finish rows first
+                    blocked = admitted is None  # requests wait for room: finish rows first
                 try:
                     ran = self._scheduler.step(flush=ended, drain=blocked)
                     self._resolve()
@@ -175,23 +175,37 @@ class Server:
                 if ran or admitted:
                     continue
                 with self._cond:
-                    if self._closed:
+                    if self._closed or (not blocked and self._admission_due()):  # (due meanwhile)
                         continue
                     deadline = self._scheduler.deadline()
+                    if self._pending:  # (not admitted yet: their wait counts all the same)
+                        oldest = self._pending[0].since + self.max_wait_ms / 1e3
+                        deadline = oldest if deadline is None else min(deadline, oldest)
                     timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + _SLACK_S
                     # a request wakes us when its rows would fill the first node's batch; with nothing
-                    # queued (no deadline), the first request does
-                    self._wake_rows = 1 if deadline is None or blocked else max(
-                        1, self.batch_size - self._scheduler.queued[0])
-                    if self._pending_rows >= self._wake_rows:  # (arrived since the admission above)
-                        continue
+                    # waiting (no deadline), the first request does
+                    self._wake_rows = 1 if deadline is None or blocked else self._rows_to_fill()
                     if blocked and timeout is None:  # cannot happen (rows in flight are queued); never hang
                         timeout = self.max_wait_ms / 1e3 + _SLACK_S
                     self._cond.wait(timeout)
 
-    def _admit(self) -> bool:
-        """Admit the pending requests that fit, all at once (called with the lock held). Until a request
-        has succeeded, one of another row shape than those in flight waits for them to finish."""
+    def _rows_to_fill(self) -> int:
+        return max(1, self.batch_size - self._scheduler.queued[0])
+
+    def _admission_due(self) -> bool:
+        """Whether to admit the pending requests now (lock held): when they fill the first node's batch,
+        the oldest one's wait is over, or the server closes. Admitting them only then admits a whole
+        batch's requests at once, not the first of them alone (what wakes an idle worker)."""
+        if not self._pending:
+            return False
+        first = self._pending[0]
+        return (self._closed or self._pending_rows >= self._rows_to_fill() or not first.n
+                or time.monotonic() >= first.since + self.max_wait_ms / 1e3)
+
+    def _admit(self) -> bool | None:
+        """Admit the pending requests that fit, all at once (called with the lock held); whether any
+        was, ``None`` when some wait for room. Until a request has succeeded, one of another row shape
+        than those in flight waits for them to finish."""
         scheduler, taken, rows = self._scheduler, [], 0
         while self._pending:
             request = self._pending[0]
@@ -217,7 +231,7 @@ class Server:
                 taken.append(request)
                 rows += n
         if not taken:
-            return False
+            return None if self._pending else False
         try:
             scheduler.admit_many([r.x for r in taken], taken, since=min(r.since for r in taken))
         except Exception:  # one at a time: only the requests at fault fail
@@ -227,7 +241,7 @@ class Server:
                 except Exception as err:
                     request.future.set_exception(err)
         self._resolve()  # a request of 0 rows is done as soon as it is admitted
-        return True
+        return None if self._pending else True
 
     def _pop(self) -> _Request:
         request = self._pending.popleft()
