@@ -249,7 +249,7 @@ class Server:
         return request
 
     def _resolve(self) -> None:
-        for request, logits, visits in self._scheduler.pop_done():
+        for request, logits, visits in self._scheduler.pop_done(in_order=False):  # each as soon as it is done
             if request is None or request.future.done():
                 continue
             if isinstance(logits, Exception):  # a node failed on some of its rows

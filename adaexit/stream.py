@@ -77,6 +77,7 @@ class _Batch:
     number: int
     tag: object = None
     error: Exception | None = None  # a node failed on some of its rows: the batch fails
+    given: bool = False  # given out by pop_done(in_order=False) before the batches ahead of it
 
 
 @dataclass
@@ -288,29 +289,42 @@ class Scheduler:
         for batch, done in zip(self.open, groups):  # groups: exits per open batch, in order
             batch.remaining -= done
 
-    def pop_done(self) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
+    def pop_done(self, in_order: bool = True) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
         """``(tag, logits, visits)`` of each finished batch at the front, in input order (``visits``: per
         row, the nodes it ran, bit ``k`` for node ``k``, which :func:`exit_trace` reads; without
         ``track_visits``, the exit index). A batch a node failed on comes out as ``(tag, error, None)``.
-        The finished batches' rows are copied out of the ring in one go; each batch gets views of its own
-        rows of that copy."""
+        ``in_order=False``: every finished batch, also behind unfinished ones (a server's requests need
+        not wait for the slower rows of those before them); the rows in flight still count from the
+        oldest unfinished batch. The finished batches' rows are copied out of the ring in one go; each
+        batch gets views of its own rows of that copy."""
         done = []
         while self.open and self.open[0].remaining == 0:
-            done.append(self.open.popleft())
+            batch = self.open.popleft()
+            if not batch.given:
+                done.append(batch)
+        if not in_order:
+            for batch in self.open:
+                if batch.remaining == 0 and not batch.given:
+                    batch.given = True
+                    done.append(batch)
         if not done:
             return
         dtype = self.model.output_dtype()
+        sizes = [batch.n for batch in done]
         start, n = done[0].start, done[-1].start + done[-1].n - done[0].start
-        if n and self.logits is not None:  # (no ring yet: every batch with rows failed)
+        if sum(sizes) and self.logits is not None:  # (no ring yet: every batch with rows failed)
             first = start % self.capacity
-            if first + n <= self.capacity:  # contiguous in the ring: a copy
+            if n > sum(sizes):  # batches given out earlier between them: their slots, one by one
+                slots = torch.tensor([r % self.capacity for b in done for r in range(b.start, b.start + b.n)],
+                                     device=self.logits.device)
+                logits, visits = gather_rows(self.logits, slots), gather_rows(self.visits, slots)
+            elif first + n <= self.capacity:  # contiguous in the ring: a copy
                 logits, visits = self.logits[first : first + n].clone(), self.visits[first : first + n].clone()
             else:  # wraps around the ring's end
                 slots = torch.arange(start, start + n, device=self.logits.device) % self.capacity
                 logits, visits = gather_rows(self.logits, slots), gather_rows(self.visits, slots)
             if dtype is not None and logits.dtype != dtype:
                 logits = logits.to(dtype)
-            sizes = [batch.n for batch in done]
             logits, visits = logits.split(sizes), visits.split(sizes)
         for j, batch in enumerate(done):
             if batch.error is not None:

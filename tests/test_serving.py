@@ -134,6 +134,34 @@ def test_admit_many_keeps_each_batch_its_own():
         assert torch.equal(trace.exit_index, info.exit_index)
 
 
+def test_pop_done_out_of_order_gives_each_batch_once_as_soon_as_it_is_done():
+    """A server's request is done when its own rows are: pop_done(in_order=False) gives a batch whose rows
+    exited early although one ahead of it still runs (in_order, the default, waits for that one), and never
+    gives a batch twice."""
+    model = small_early_exit(DIM, CLASSES)
+    x = randn_inputs(64, DIM, seed=3, scale=3)
+    with torch.inference_mode():
+        _, info = model(x, return_info=True)
+        deep, deep2 = (info.exit_index > 0).nonzero()[:2, 0].tolist()
+        shallow = int((info.exit_index == 0).nonzero()[0])
+        scheduler = Scheduler(model, batch_size=3)
+        rows = [x[deep : deep + 1], x[shallow : shallow + 1], x[deep2 : deep2 + 1]]
+        scheduler.admit_many(rows, tags=["deep", "shallow", "deep2"])
+        assert scheduler.step()  # node 0 on the three rows: the shallow one exits
+        assert list(scheduler.pop_done()) == []  # in order: behind the deep one
+        first = list(scheduler.pop_done(in_order=False))
+        assert [tag for tag, _, _ in first] == ["shallow"] and not scheduler.idle
+        while scheduler.step(flush=True):
+            pass
+        second = list(scheduler.pop_done(in_order=False))  # (their slots are not contiguous: a gather)
+        assert [tag for tag, _, _ in second] == ["deep", "deep2"] and scheduler.idle
+        torch.testing.assert_close(first[0][1], model(x[shallow : shallow + 1]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(second[0][1], model(x[deep : deep + 1]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(second[1][1], model(x[deep2 : deep2 + 1]), rtol=1e-5, atol=1e-6)
+        exits = [int(scheduler.exit_trace(visits).exit_index) for _, _, visits in first + second[:1]]
+        assert exits[0] == 0 < exits[1]
+
+
 def test_a_full_batch_runs_without_waiting_for_max_wait():
     """The worker sleeps between arrivals, but requests that fill the first node's batch wake it: they run
     at once, not after max_wait_ms (here a minute)."""
