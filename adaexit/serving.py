@@ -4,14 +4,15 @@
 batches) behind ``submit(x) -> concurrent.futures.Future``. One background worker thread owns the
 scheduler: it admits submitted requests while the rows in flight leave room, runs the node whose queue is
 full (or whose oldest row has waited ``max_wait_ms`` since its request was submitted, so a lone request is
-never stuck), and resolves each request's future as soon as all of its rows are done. Between node runs it
-sleeps on a condition variable until enough rows arrive to fill the first node's batch (the first request
-when nothing is queued), the oldest queued row's wait expires, or the server closes: no busy loop, and no
-wake-up per request.
+never stuck), and resolves each request's future as soon as all of its own rows are done (a row that exits
+early is not held back by the slower rows of earlier requests). Between node runs it sleeps on a condition
+variable until enough rows arrive to fill the first node's batch (the first request when nothing waits),
+the oldest waiting row's wait expires, or the server closes: no busy loop, and no wake-up per request.
 
-Per-request costs are kept off the per-request path: the worker admits every waiting request that fits in
-one go (one concatenation, a few tensor ops in all: :meth:`~adaexit.stream.Scheduler.admit_many`) and takes
-the finished requests' outputs out in one copy (each request gets views of its own rows of it).
+Per-request costs stay off the per-request path: the worker admits the waiting requests when they fill a
+batch or the oldest one's wait is over, all in one go (one concatenation, a few tensor ops in all:
+:meth:`~adaexit.stream.Scheduler.admit_many`), and takes the finished requests' outputs out in one copy
+(each request gets views of its own rows of it).
 
 A server survives its clients: a request that fails validation, or fails in a node, never changes what
 later requests may be. The rows' shape, dtype and device are the model's: learnt from the first request
