@@ -40,10 +40,13 @@ class ExitAdapter(nn.Module):
 
 
 @torch.no_grad()
-def continuations(model: CausalLMExits, tokenizer, prompts, new_tokens: int, batch_size: int):
-    """``(states [exits][N, hidden], targets [N])`` at every generated position (EOS and padding excluded)."""
+def continuations(model: CausalLMExits, tokenizer, prompts, new_tokens: int, batch_size: int,
+                  return_sequences: bool = False):
+    """``(states [exits][N, hidden], targets [N])`` at every generated position (EOS and padding excluded);
+    with ``return_sequences``, also per prompt ``(its tokens + the generated ones up to and including the first
+    EOS, prompt length)``, unpadded (the fine-tune's training data)."""
     lm = model.lm
-    states, targets = [[] for _ in model.exit_layers], []
+    states, targets, sequences = [[] for _ in model.exit_layers], [], []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
         seq = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=new_tokens)
@@ -56,7 +59,13 @@ def continuations(model: CausalLMExits, tokenizer, prompts, new_tokens: int, bat
         targets.append(teacher[keep])
         for e, k in enumerate(model.exit_layers):
             states[e].append(out.hidden_states[k + 1][:, p - 1 : -1][keep])
-    return [torch.cat(s) for s in states], torch.cat(targets)
+        for row, prompt_mask in zip(seq, enc.attention_mask.bool()):
+            new = row[p:]
+            ends = (new == tokenizer.pad_token_id).nonzero()
+            new = new[: int(ends[0]) + 1] if ends.numel() else new
+            sequences.append((torch.cat([row[:p][prompt_mask], new]), int(prompt_mask.sum())))
+    result = [torch.cat(s) for s in states], torch.cat(targets)
+    return (*result, sequences) if return_sequences else result
 
 
 def train_adapter(model: CausalLMExits, e: int, states: torch.Tensor, targets: torch.Tensor, steps: int,

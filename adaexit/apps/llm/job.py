@@ -35,6 +35,7 @@ from ...decoding.costs import ideal_speedup, step_costs
 from ...policies import ConfidencePolicy
 from ..encoders.debian import load_debian_descriptions
 from .exits import agreement, calibrate_thresholds, continuations, exit_tokens, train_adapter, train_gate
+from .finetune import finetune, perplexity, sequence_agreement
 from .smollm2 import chat_prompts, load_smollm2
 
 EXITS = ("model.layers.7", "model.layers.14", "model.layers.23")
@@ -61,18 +62,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--agreement", type=float, default=0.95, help="token agreement target for early exit (default 0.95)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per strategy and batch, fastest kept (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="LayerSkip-style fine-tune steps (layer dropout + early-exit loss) before training the "
+                             "exits; the fine-tuned model becomes the full model (default 0: off)")
+    parser.add_argument("--finetune-lr", type=float, default=2e-5, help="the fine-tune's AdamW learning rate (default 2e-5)")
+    parser.add_argument("--finetune-batch", type=int, default=8, help="sequences per fine-tune step (default 8)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (few prompts, short outputs, batches 1 and 4)")
     return parser
 
 
 def _settings(args) -> dict:
-    keys = ("batches", "new_tokens", "train_prompts", "val_prompts", "train_tokens", "steps", "agreement", "repeats")
+    keys = ("batches", "new_tokens", "train_prompts", "val_prompts", "train_tokens", "steps", "agreement", "repeats",
+            "finetune_steps", "finetune_lr", "finetune_batch")
     s = {k: getattr(args, k) for k in keys}
     s["batches"] = [int(b) for b in str(s["batches"]).split(",") if b.strip()]
     if args.quick:
         s.update(batches=[1, 4], new_tokens=8, train_prompts=8, val_prompts=4, train_tokens=12, steps=30, repeats=1)
     if any(b < 1 for b in s["batches"]) or s["new_tokens"] < 1:
         raise ValueError("--batches must be positive ints and --new-tokens >= 1")
+    if s["finetune_steps"] < 0 or s["finetune_batch"] < 1 or not s["finetune_lr"] > 0:
+        raise ValueError("--finetune-steps must be >= 0, --finetune-batch >= 1 and --finetune-lr > 0")
     return s
 
 
@@ -216,6 +225,38 @@ def plan_speculation(model, agrees, costs) -> dict:
     return best
 
 
+def off_the_shelf(model, states, targets) -> list[float]:
+    """Per exit: teacher-forced agreement of the shared head with the last layer's token."""
+    return [float((exit_tokens(model, e, v) == targets).float().mean()) for e, v in enumerate(states)]
+
+
+def finetune_first(model, tokenizer, prompts, s, data) -> tuple[dict, tuple]:
+    """Fine-tune the model in place (:mod:`.finetune`) on the original model's continuations ``data`` (train
+    and val: states, targets, sequences); returns the report and the fine-tuned model's own continuations
+    (its greedy output is the reference from here on)."""
+    (_, _, train_seqs), (val_states, val_targets, val_seqs) = data
+    lm, pad = model.lm, tokenizer.pad_token_id
+    before = off_the_shelf(model, val_states, val_targets)
+    ppl_before, tf_before = perplexity(lm, val_seqs, pad)
+    ft = finetune(lm, model.exit_layers, train_seqs, s["finetune_steps"], pad, lr=s["finetune_lr"],
+                  batch_size=s["finetune_batch"])
+    ppl_after, tf_after = perplexity(lm, val_seqs, pad)
+    _log(f"fine-tuned {ft['steps']} steps ({ft['seconds']:.0f}s): loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}; "
+         f"perplexity on the original's validation continuations {ppl_before:.3f} -> {ppl_after:.3f}")
+    train = continuations(model, tokenizer, prompts["train"][: s["train_prompts"]], s["train_tokens"], batch_size=16)
+    val_states, val_targets, new_val_seqs = continuations(model, tokenizer, prompts["val"][: s["val_prompts"]],
+                                                          s["train_tokens"], batch_size=16, return_sequences=True)
+    after = off_the_shelf(model, val_states, val_targets)
+    greedy = sequence_agreement(new_val_seqs, val_seqs)
+    _log(f"  off-the-shelf exit agreement {['%.3f' % a for a in before]} -> {['%.3f' % a for a in after]}; the "
+         f"fine-tuned model's greedy continuations reproduce {greedy:.3f} of the original's (teacher-forced {tf_after:.3f})")
+    report = {**ft, "exit_agreement_before": dict(zip(EXITS, before)), "exit_agreement_after": dict(zip(EXITS, after)),
+              "greedy_agreement_with_original": greedy,
+              "teacher_forced_agreement_with_original": {"before": tf_before, "after": tf_after},
+              "perplexity_on_original_val_continuations": {"before": ppl_before, "after": ppl_after}}
+    return report, (*train, val_states, val_targets)
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     if args.threads:
@@ -233,13 +274,20 @@ def run(args: argparse.Namespace) -> int:
     model = CausalLMExits(lm, EXITS)
 
     t = time.time()
-    train_states, train_targets = continuations(model, tokenizer, prompts["train"][: s["train_prompts"]],
-                                                s["train_tokens"], batch_size=16)
-    val_states, val_targets = continuations(model, tokenizer, prompts["val"][: s["val_prompts"]],
-                                            s["train_tokens"], batch_size=16)
-    _log(f"continuations: {train_targets.numel()} train / {val_targets.numel()} val positions ({time.time() - t:.0f}s)")
+    ft = s["finetune_steps"] > 0  # the fine-tune trains on the original's token sequences
+    train = continuations(model, tokenizer, prompts["train"][: s["train_prompts"]], s["train_tokens"], batch_size=16,
+                          return_sequences=ft)
+    val = continuations(model, tokenizer, prompts["val"][: s["val_prompts"]], s["train_tokens"], batch_size=16,
+                        return_sequences=ft)
+    _log(f"continuations: {train[1].numel()} train / {val[1].numel()} val positions ({time.time() - t:.0f}s)")
+    finetuned = None
+    if ft:
+        finetuned, (train_states, train_targets, val_states, val_targets) = finetune_first(
+            model, tokenizer, prompts, s, (train, val))
+    else:
+        (train_states, train_targets), (val_states, val_targets) = train, val
     report = {"off_the_shelf": {}, "trained": {}}
-    off = [float((exit_tokens(model, e, v) == val_targets).float().mean()) for e, v in enumerate(val_states)]
+    off = off_the_shelf(model, val_states, val_targets)
     heads = []
     t = time.time()
     for e in range(len(EXITS)):
@@ -276,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         "calibration": {"target": s["agreement"], "thresholds": thresholds, "agreement": cal_agreement,
                         "layers_per_token": cal_layers},
         "speculation": plan,
+        "finetune": finetuned,
         "settings": s,
         "machine": {"device": device_name("cpu"), "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime())},
