@@ -76,7 +76,7 @@ def exit_states(lm: nn.Module, exit_layers, ids, mask, skip: torch.Tensor | None
     for i in range(len(layers)):
         if i in exit_layers or (skip is not None and skip[i].any()):
             handles.append(layers[i].register_forward_hook(hook(i), with_kwargs=True))
-    try:  # positions as generation counts them (left padding does not shift them)
+    try:  # positions as generation counts them (for rotary embeddings only the differences matter)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         last = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     finally:
@@ -109,7 +109,7 @@ def _check(lm, exit_layers, sequences, steps, lr, p_max, batch_size) -> None:
         raise ValueError(f"p_max must be in [0, 1), got {p_max!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not exit_layers or list(exit_layers) != sorted(set(exit_layers)) or not 0 <= exit_layers[0] or exit_layers[-1] >= num_layers - 1:
+    if not exit_layers or exit_layers != sorted(set(exit_layers)) or exit_layers[0] < 0 or exit_layers[-1] >= num_layers - 1:
         raise ValueError(f"exit_layers must be distinct ascending decoder layers before the last ({num_layers - 1}), "
                          f"got {list(exit_layers)!r}")
     if not sequences or any(not 0 < p < s.numel() for s, p in sequences):
@@ -124,8 +124,9 @@ def finetune(lm: nn.Module, exit_layers, sequences: list[Sequence], steps: int, 
     _check(lm, exit_layers, sequences, steps, lr, p_max, batch_size)
     num_layers = len(lm.model.layers)
     rates, weights = dropout_rates(num_layers, p_max), exit_weights(exit_layers, num_layers)
-    params = [p for p in lm.model.layers.parameters()]
-    frozen = [p for p in lm.parameters() if all(p is not q for q in params)]
+    params = list(lm.model.layers.parameters())
+    trained = {id(p) for p in params}
+    frozen = [p for p in lm.parameters() if id(p) not in trained]
     for p in frozen:
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

