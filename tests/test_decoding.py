@@ -155,6 +155,8 @@ def gated(model, threshold=0.5, bias=0.0, seed=7):
     ("self_speculative", {"num_draft": 3}),
     ("self_speculative", {"num_draft": 3, "draft_threshold": 0.5}),
     ("early_exit", {}),
+    ("early_exit", {"fill": "recompute"}),
+    ("early_exit", {"fill": "recompute", "max_pending": 1}),
 ])
 def test_a_rows_output_does_not_depend_on_its_batch(strategy, options):
     lm = tiny_lm(seed=8)
@@ -173,12 +175,13 @@ def test_a_rows_output_does_not_depend_on_its_batch(strategy, options):
 
 
 @pytest.mark.parametrize("per_row", [True, False])
-def test_never_exit_early_exit_equals_full(per_row):
+@pytest.mark.parametrize("fill", ["propagate", "recompute"])
+def test_never_exit_early_exit_equals_full(per_row, fill):
     lm = tiny_lm(seed=10)
     model = adaexit.wrap(lm, exits=["model.layers.1"])
     ids, mask = prompts(6, seed=11)
     eos = mid_batch_eos(lm, ids, mask, 12)
-    out, info = decode(model, ids, mask, 12, eos, "early_exit", per_row=per_row)
+    out, info = decode(model, ids, mask, 12, eos, "early_exit", per_row=per_row, fill=fill)
     assert torch.equal(out, decode(model, ids, mask, 12, eos)[0])
     assert info.exit_counts[0] == 0 and info.mean_layers_per_token == NUM_LAYERS
 
@@ -231,6 +234,99 @@ def test_an_exited_rows_cache_is_whole():
         # the prompt went through every layer: its deep K/V are the model's own
         p = int(mask[r].sum())
         torch.testing.assert_close(keys[-1][:, pad : pad + p], ref.layers[-1].keys[0][:, :p], atol=1e-5, rtol=1e-5)
+
+
+def uncached_early_exit(model, tokens, new, eos, max_pending):
+    """Reference for ``fill="recompute"``: early exit on one unpadded row where every step runs the model
+    afresh on the whole sequence (exact hidden states, no cache), with the same cap on pending tokens."""
+    lm, pending, out = model.lm, 0, []
+    first = lm(tokens[None]).logits[0, -1].argmax()
+    tokens, out = torch.cat([tokens, first[None]]), [int(first)]
+    while len(out) < new and out[-1] not in eos:
+        states = lm(tokens[None], output_hidden_states=True).hidden_states  # [e]: the output of layer e - 1
+        for e, k in enumerate(model.exit_layers):
+            h = states[k + 1][:, -1]
+            if pending < max_pending and model.gate_score(e, h)[0] >= model.thresholds[e]:
+                token, pending = model.exit_logits(e, h)[0].argmax(), pending + 1
+                break
+        else:
+            token, pending = lm(tokens[None]).logits[0, -1].argmax(), 0
+        tokens, out = torch.cat([tokens, token[None]]), out + [int(token)]
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("max_pending", [1, 3])
+def test_recompute_decodes_as_the_uncached_model_would(batch, max_pending):
+    """With exact K/V, every gate reads the hidden state the model computes without a cache: the tokens are
+    the uncached reference's, row by row, for mixed prompt lengths and an EOS in the middle of the batch."""
+    lm = tiny_lm(seed=21)
+    model = gated(adaexit.wrap(lm, exits=["model.layers.0", "model.layers.2"]), seed=22)
+    ids, mask = prompts(batch, seed=23)
+    new = 12
+    eos = mid_batch_eos(lm, ids, mask, new)
+    out, info = decode(model, ids, mask, new, eos, "early_exit", fill="recompute", max_pending=max_pending)
+    assert info.exit_counts[0] > 0 and info.exit_counts[1] > 0 and info.exit_counts[-1] > 0
+    propagated = decode(model, ids, mask, new, eos, "early_exit")[0]
+    differs = False
+    with torch.no_grad():
+        for r in range(batch):
+            n = int(mask[r].sum())
+            expected = uncached_early_exit(model, ids[r, -n:], new, [eos], max_pending)
+            row = out[r, ids.shape[1] :].tolist()
+            assert row[: len(expected)] == expected, f"row {r}"
+            assert all(t == PAD for t in row[len(expected) :]) and info.new_tokens[r] == len(expected)
+            differs |= propagated[r, ids.shape[1] :].tolist()[: len(expected)] != expected
+    if batch == 8:
+        assert differs  # propagation's approximate K/V change some row's tokens: the reference discriminates
+    if batch > 1:
+        assert (out[:, -1] == PAD).any()  # some row stopped at the EOS
+
+
+@pytest.mark.parametrize("eos_mid_batch", [False, True])
+def test_recompute_leaves_the_full_models_cache(eos_mid_batch):
+    """Once a finishing row's pending tokens are flushed, every layer of its cache holds the K/V the full
+    model computes for the same tokens (state propagation only approximates the skipped layers')."""
+    lm = tiny_lm(seed=14)
+    model = gated(adaexit.wrap(lm, exits=["model.layers.0", "model.layers.2"]), seed=7)
+    ids, mask = prompts(3, seed=15)
+    new = 10
+    eos = [mid_batch_eos(lm, ids, mask, new)] if eos_mid_batch else []
+    padding = (mask == 0).sum(1)
+    cache = RowCache(NUM_LAYERS, 3, model.num_kv_heads, ids.shape[1] + new + 5, model.head_dim, padding,
+                     ids.shape[1], dtype=torch.float32, device=torch.device("cpu"))
+    run = Run(model, cache, ids[:, -1], new, eos, PAD, 5, keep_finished=True)
+    with torch.no_grad():
+        first = run.prefill(ids)
+        run.emit(first[:, None], torch.ones_like(first), torch.zeros_like(first))
+        early_exit(run, fill="recompute", max_pending=3)
+    assert run.exit_counts[0] > 0 and run.exit_counts[1] > 0 and run.exit_counts[2] > 0
+    if eos_mid_batch:
+        assert min(run.final_counts) < new
+    for r in range(3):
+        keys, values = run.finished_caches[r]
+        pad = int(padding[r])
+        tokens = torch.cat([ids[r, pad:], run.out[r, : run.final_counts[r] - 1]])  # the last is never fed back
+        with torch.no_grad():
+            ref = lm(tokens[None], use_cache=True).cache
+        assert keys[0].shape[1] == pad + tokens.shape[0]
+        for layer in range(NUM_LAYERS):
+            torch.testing.assert_close(keys[layer][:, pad:], ref.layers[layer].keys[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values[layer][:, pad:], ref.layers[layer].values[0], atol=1e-5, rtol=1e-5)
+
+
+def test_recompute_counts_every_layer_it_runs():
+    """One exit, every gate firing: tokens leave ``max_pending`` times, then one runs the whole model with its
+    pending ones as a block: each token costs the whole model's layers once (recomputed positions counted)."""
+    lm = tiny_lm(seed=12)
+    model = gated(adaexit.wrap(lm, exits=["model.layers.1"]), bias=30.0)  # every gate fires
+    ids, mask = prompts(4, seed=13)
+    never = VOCAB + 1
+    _, info = decode(model, ids, mask, 9, never, "early_exit", fill="recompute", max_pending=3)
+    # 8 tokens after the first per row: exit, exit, exit, full (a block of 4) twice
+    assert info.exit_counts == [4 * 6, 4 * 2] and info.steps == 8
+    assert info.mean_layers_per_token == NUM_LAYERS
+    assert decode(model, ids, mask, 9, never, "early_exit")[1].mean_layers_per_token == 2
 
 
 @pytest.mark.interpreter
@@ -307,6 +403,16 @@ def test_unsupported_models_and_keywords_are_refused(wrapped):
         adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="self_speculative", draft_exit=1)
     with pytest.raises(ValueError, match="strategy"):
         adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="beam")
+    with pytest.raises(ValueError, match="fill must be 'propagate' or 'recompute'"):
+        adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="early_exit", fill="exact")
+    for cap in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_pending must be an int >= 1"):
+            adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="early_exit", fill="recompute",
+                             max_pending=cap)
+    with pytest.raises(ValueError, match="max_pending applies to fill='recompute' only"):
+        adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="early_exit", max_pending=2)
+    with pytest.raises(TypeError, match="fill"):
+        adaexit.generate(wrapped, ids, mask, max_new_tokens=2, strategy="full", fill="recompute")
     with pytest.raises(ValueError, match="heads"):
         adaexit.wrap(tiny_lm(), exits=["model.layers.1"], heads=[torch.nn.Linear(32, 7)])
 

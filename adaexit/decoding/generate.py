@@ -17,7 +17,7 @@ from .model import CausalLMExits, is_causal_lm
 from .sampling import Sampler
 from .strategies import STRATEGIES, Run
 
-OPTIONS = {"full": {}, "self_speculative": {"draft_exit": 0, "num_draft": 4, "draft_threshold": None}, "early_exit": {"per_row": True}}
+OPTIONS = {"full": {}, "self_speculative": {"draft_exit": 0, "num_draft": 4, "draft_threshold": None}, "early_exit": {"per_row": True, "fill": "propagate", "max_pending": 4}}
 
 
 @dataclass
@@ -26,7 +26,8 @@ class DecodeInfo:
 
     Attributes:
         mean_layers_per_token: decoder layers run per row per generated token after the first (the prompt's
-            prefill excluded; a verify pass counts once per row however many tokens it checks).
+            prefill excluded; a verify pass counts once per row however many tokens it checks; an ``early_exit``
+            block with ``fill="recompute"`` counts every token it runs, recomputed ones included).
         acceptance: per input row, the drafts accepted at each verify step (``self_speculative``; else empty).
         exit_counts: tokens produced at each exit (the last entry: the model's own output).
         host_syncs: device-to-host reads during the call.
@@ -90,6 +91,16 @@ def _check_prompt(input_ids, attention_mask, max_new_tokens, max_positions):
     return mask
 
 
+def _check_fill(settings: dict, options: dict) -> None:
+    fill, cap = settings["fill"], settings["max_pending"]
+    if fill not in ("propagate", "recompute"):
+        raise ValueError(f"fill must be 'propagate' or 'recompute' (how an exited row's skipped K/V are filled), got {fill!r}")
+    if "max_pending" in options and fill != "recompute":
+        raise ValueError("max_pending applies to fill='recompute' only")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"max_pending must be an int >= 1, got {cap!r}")
+
+
 def generate(
     model: CausalLMExits,
     input_ids: torch.Tensor,
@@ -116,7 +127,10 @@ def generate(
         strategy: ``"full"`` (every layer), ``"self_speculative"`` (lossless; options ``draft_exit``, the exit
             index drafting, default 0; ``num_draft``, default 4; ``draft_threshold``: a row stops drafting after a
             draft whose gate score is below it, default ``None``: never) or ``"early_exit"`` (the model's policy
-            thresholds on the gates; option ``per_row=False`` for the whole-batch rule).
+            thresholds on the gates; option ``per_row=False`` for the whole-batch rule; ``fill``: how an exited row's
+            skipped layers get its token's K/V, ``"propagate"`` (default, CALM's state propagation: approximate)
+            or ``"recompute"`` (deferred: the row's next pass re-runs its pending tokens with its new one,
+            exact K/V; ``max_pending``, default 4, pending tokens at most before the row runs the whole model)).
         eos_token_id, pad_token_id: ``None`` takes the model's generation config (pad falls back to EOS).
         return_info: also return a :class:`DecodeInfo`.
         do_sample, temperature, top_k, top_p: Hugging Face's sampling (``do_sample=True``): the logits divided
@@ -156,6 +170,8 @@ def generate(
         t = settings["draft_threshold"]
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
             raise ValueError(f"draft_threshold must be None or a gate score in [0, 1], got {t!r}")
+    if strategy == "early_exit":
+        _check_fill(settings, options)
     device = next(model.lm.parameters()).device
     sampler = Sampler(do_sample, temperature, top_k, top_p, generator, device)
     config = model.lm.generation_config
@@ -169,7 +185,7 @@ def generate(
     if batch == 0:
         out = input_ids.clone()
         return (out, DecodeInfo(float("nan"))) if return_info else out
-    slack = settings.get("num_draft", 0) + 1
+    slack = settings.get("num_draft", 0) + settings.get("max_pending", 0) + 1  # blocks reach past the longest row
     param = next(model.lm.parameters())
     with torch.no_grad():
         cache = RowCache(

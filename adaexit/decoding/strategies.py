@@ -231,16 +231,19 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold:
         run.steps += 1
 
 
-def early_exit(run: Run, per_row: bool = True) -> None:
+def early_exit(run: Run, per_row: bool = True, fill: str = "propagate", max_pending: int = 4) -> None:
     """Greedy decoding where each row leaves at the first exit whose gate fires.
 
     Gates are cheap (one dot product per row); the exit's vocabulary head runs only for the rows that leave.
     Rows that stay run the next layers compacted (``partition`` + ``gather_rows``). A row that leaves at layer
     ``k`` fills the K/V of layers ``k+1..`` for its token by state propagation (CALM): those layers' K/V
-    projections of its layer-``k`` hidden state, so later tokens attend to a whole cache. With
-    ``per_row=False`` the batch leaves together only when every row's gate fires (CALM's batch rule).
+    projections of its layer-``k`` hidden state, so later tokens attend to a whole cache. ``fill="recompute"``
+    defers them instead (:func:`early_exit_recompute`). With ``per_row=False`` the batch leaves together only
+    when every row's gate fires (CALM's batch rule).
     Sampling draws a row's token from the warped distribution of the exit it leaves at (lossy, like greedy).
     """
+    if fill == "recompute":
+        return early_exit_recompute(run, per_row, max_pending)
     model = run.model
     thresholds = model.thresholds
     while run.n:
@@ -292,6 +295,113 @@ def early_exit(run: Run, per_row: bool = True) -> None:
         one = torch.ones_like(run.tok)
         run.emit(tokens[:, None], one, one)
         run.steps += 1
+
+
+def early_exit_recompute(run: Run, per_row: bool = True, max_pending: int = 4) -> None:
+    """``early_exit`` with deferred recomputation: exact K/V where propagation approximates them.
+
+    Every new token runs layers ``0..k0`` (``k0``: the first exit's layer) alone, and its hidden state there is
+    kept. A row that leaves at an exit leaves its token's deeper K/V unwritten: the token is *pending*. When a
+    row's new token stays past the first exit, its pending tokens (from their kept layer-``k0`` states) and the
+    new token run the deeper layers as one block (per-row slots and positions, as the ``self_speculative``
+    verify pass), so each layer holds the pending tokens' exact K/V before the new token attends to it; gates
+    read the newest position. A row holding ``max_pending`` pending tokens runs the whole model (the block is
+    bounded). So with one exit every token costs exactly the whole model's layers, run in fewer sequential
+    steps; with several, a pending token that left at a later exit re-runs the layers between the exits.
+    A finishing row's pending deep K/V are never read (its cache leaves with it); ``keep_finished`` runs flush
+    them first, so the kept cache is whole.
+
+    Layer passes count every real position (recomputed ones included; a block's padding, for rows with fewer
+    pending tokens than the widest, not).
+    """
+    model = run.model
+    thresholds, k0, num_layers, device = model.thresholds, model.exit_layers[0], model.num_layers, run.tok.device
+    batch = run.out.shape[0]
+    pending_of = torch.zeros(batch, dtype=torch.long, device=device)  # per input row
+    # per input row: the layer-k0 states of its pending tokens, then of its new token
+    states = torch.zeros(batch, max_pending + 1, model.hidden_size, dtype=model.lm.lm_head.weight.dtype, device=device)
+    passes = torch.zeros((), dtype=torch.long, device=device)  # block positions x layers, read once at the end
+    widest = 0  # a host bound on every row's pending tokens (no sync)
+    while run.n:
+        cache, n, q = run.cache, run.n, widest + 1
+        pend, slots, start = pending_of[run.row_ids], cache.lengths, run.start()
+        h = model.embed(run.tok)[:, None]
+        step = cache.step(None, slots, 1, run.end(1), model.rotary(h, cache.positions(None, slots, 1)), start)
+        for layer in range(k0 + 1):
+            h = model.layer(layer, h, step, cache)
+        run.layer_passes += n * (k0 + 1)
+        states[run.row_ids, pend] = h[:, 0]
+        tokens = torch.empty(n, dtype=torch.long, device=device)
+        pend_after = torch.zeros(n, dtype=torch.long, device=device)
+        where, rows, newest, done, left = torch.arange(n, device=device), None, h[:, 0], k0 + 1, False
+        for e, k in enumerate(model.exit_layers):
+            if e:
+                for layer in range(done, k + 1):
+                    h = model.layer(layer, h, step, cache)
+                passes = passes + (pend + 1).sum() * (k + 1 - done)
+                done = k + 1
+                newest = h[torch.arange(h.shape[0], device=device), pend]
+            if thresholds[e] <= 1.0:  # else this exit never fires: no gate, no sync
+                fire = (model.gate_score(e, newest) >= thresholds[e]) & (pend < max_pending)
+                if not per_row:
+                    fire = fire.all().expand_as(fire)
+                order, counts = partition(fire.long(), 2)
+                stay, leave = to_host(counts)
+                if leave:
+                    out, left = order[stay:], True
+                    place = gather_rows(where, out)
+                    scatter_rows(tokens, place, run.sampler(model.exit_logits(e, gather_rows(newest, out))))
+                    scatter_rows(pend_after, place, gather_rows(pend, out) + 1)
+                    run.exit_counts[e] += leave
+                    kept = order[:stay]
+                    h, where, pend = (gather_rows(t, kept) for t in (h, where, pend))
+                    rows = kept if rows is None else gather_rows(rows, kept)
+                    if e:
+                        step = cache.step(rows, gather_rows(step.slots, kept), q, step.end,
+                                          tuple(gather_rows(t, kept) for t in step.cos_sin), step.start)
+                if not stay:
+                    break
+            if not e:  # the staying rows' block: their pending tokens' kept states, then the new token's
+                h = states[run.row_ids if rows is None else gather_rows(run.row_ids, rows), :q]
+                step = _block_step(run, rows, slots if rows is None else gather_rows(slots, rows), pend, h)
+        if where.shape[0]:
+            for layer in range(done, num_layers):
+                h = model.layer(layer, h, step, cache)
+            passes = passes + (pend + 1).sum() * (num_layers - done)
+            run.exit_counts[-1] += where.shape[0]
+            scatter_rows(tokens, where, run.sampler(model.final_logits(h[torch.arange(h.shape[0], device=device), pend])))
+        pending_of[run.row_ids] = pend_after
+        if run.finished_caches is not None:
+            _flush_finishing(run, tokens, pend_after, states)
+        widest = min(widest + 1, max_pending) if left else 0
+        one = torch.ones_like(run.tok)
+        run.emit(tokens[:, None], one, one)
+        run.steps += 1
+    run.layer_passes += to_host(passes)
+
+
+def _block_step(run: Run, rows, slots: torch.Tensor, pend: torch.Tensor, h: torch.Tensor):
+    """The step of a block ``h`` ``[n, q, hidden]`` per cache row whose last ``pend[r] + 1`` tokens end at
+    ``slots[r]`` (positions past them are padding: written past the row's length, never attended)."""
+    cache, q = run.cache, h.shape[1]
+    first = slots - pend
+    start = run.start() if q == 1 else None
+    return cache.step(rows, first, q, run.end(q), run.model.rotary(h, cache.positions(rows, first, q)), start)
+
+
+def _flush_finishing(run: Run, tokens: torch.Tensor, pend: torch.Tensor, states: torch.Tensor) -> None:
+    """Inspection only (``keep_finished``): the rows that ``tokens`` finish run their pending tokens through
+    the layers after the first exit, so the caches they leave are whole. Not counted as decoding work."""
+    model = run.model
+    finishing = torch.isin(tokens, run.eos) | (run.count + 1 >= run.max_new)  # emit's rule for one token
+    idx = (finishing & (pend > 0)).nonzero().view(-1)
+    if not idx.numel():
+        return
+    p = pend[idx]
+    h = states[gather_rows(run.row_ids, idx), : int(p.max())]
+    step = _block_step(run, idx, gather_rows(run.cache.lengths, idx), p - 1, h)
+    for layer in range(model.exit_layers[0] + 1, model.num_layers):
+        h = model.layer(layer, h, step, run.cache)
 
 
 STRATEGIES = {"full": full, "self_speculative": self_speculative, "early_exit": early_exit}
