@@ -246,7 +246,7 @@ def uncached_early_exit(model, tokens, new, eos, max_pending):
         states = lm(tokens[None], output_hidden_states=True).hidden_states  # [e]: the output of layer e - 1
         for e, k in enumerate(model.exit_layers):
             h = states[k + 1][:, -1]
-            if pending < max_pending and model.gate_score(e, h)[0] >= model.thresholds[e]:
+            if pending < max_pending and model.gate_score(e, h, states[k][:, -1])[0] >= model.thresholds[e]:
                 token, pending = model.exit_logits(e, h)[0].argmax(), pending + 1
                 break
         else:
@@ -281,6 +281,65 @@ def test_recompute_decodes_as_the_uncached_model_would(batch, max_pending):
         assert differs  # propagation's approximate K/V change some row's tokens: the reference discriminates
     if batch > 1:
         assert (out[:, -1] == PAD).any()  # some row stopped at the EOS
+
+
+def test_saturation_gates_read_the_states_around_the_exit_layer():
+    """``gate="saturation"`` (CALM): the cosine between the states after and before the exit's layer. The
+    strategies must hand it the right states: decoding equals the uncached reference, whose states come from
+    Hugging Face's own forward."""
+    lm = tiny_lm(seed=24)
+    model = adaexit.wrap(lm, exits=["model.layers.0", "model.layers.2"], gate="saturation")
+    ids, mask = prompts(3, seed=25)
+    with torch.no_grad():  # thresholds from the scores over the prompts' positions: some fire, some not
+        states = lm(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        real = mask.bool()
+        scores = [model.gate_score(e, states[k + 1][real], states[k][real]) for e, k in enumerate(model.exit_layers)]
+    thresholds = [float(scores[0].max()), float(scores[1].median())]
+    model.set_policy(adaexit.ConfidencePolicy("maxprob", thresholds))
+    eos = mid_batch_eos(lm, ids, mask, 10)
+    out, info = decode(model, ids, mask, 10, eos, "early_exit", fill="recompute", max_pending=2)
+    assert all(count > 0 for count in info.exit_counts)  # both gates fire for some tokens, not for others
+    with torch.no_grad():
+        for r in range(3):
+            n = int(mask[r].sum())
+            expected = uncached_early_exit(model, ids[r, -n:], 10, [eos], 2)
+            assert out[r, ids.shape[1] :].tolist()[: len(expected)] == expected, f"row {r}"
+    spec = decode(model, ids, mask, 10, eos, "self_speculative", num_draft=3, draft_threshold=thresholds[0])[0]
+    assert torch.equal(spec, hf_greedy(lm, ids, mask, 10, eos))  # the draft gate reads it too, still lossless
+
+
+def test_saturation_scores_lie_in_0_1_and_fire_for_an_unchanged_state():
+    lm = tiny_lm(seed=26)
+    with torch.no_grad():  # layer 1 adds nothing: the state after it is the state before it
+        lm.model.layers[1].self_attn.o_proj.weight.zero_()
+        lm.model.layers[1].mlp.down_proj.weight.zero_()
+    model = adaexit.wrap(lm, exits=["model.layers.1"], gate="saturation",
+                         policy=adaexit.ConfidencePolicy("maxprob", [0.999]))
+    h = torch.randn(50, 32)
+    scores = model.gate_score(0, h, torch.randn(50, 32))
+    assert ((scores >= 0) & (scores <= 1)).all() and (scores > 0).any() and (scores < 1).all()
+    torch.testing.assert_close(model.gate_score(0, h, 3 * h), torch.ones(50))
+    assert (model.gate_score(0, h, -h) == 0).all()
+    # every token leaves at the exit: the model without its identity layer 1 and the layers after
+    ids, mask = prompts(3, seed=27)
+    never = VOCAB + 1
+    truncated = LlamaForCausalLM(LlamaConfig(**{**lm.config.to_dict(), "num_hidden_layers": 2})).eval()
+    truncated.load_state_dict(lm.state_dict(), strict=False)
+    first = hf_greedy(lm, ids, mask, 1, eos=never)
+    expected = hf_greedy(truncated, first, torch.cat([mask, torch.ones_like(mask[:, :1])], 1), 7, eos=never)
+    out, info = decode(model, ids, mask, 8, never, "early_exit")
+    assert torch.equal(out, expected) and info.exit_counts == [3 * 7, 0]
+
+
+def test_bad_gates_are_refused():
+    with pytest.raises(ValueError, match="gate must be one of 'learned', 'saturation', got 'cosine'"):
+        adaexit.wrap(tiny_lm(), exits=["model.layers.1"], gate="cosine")
+    model = adaexit.wrap(tiny_lm(), exits=["model.layers.1"], gate="saturation")
+    with pytest.raises(ValueError, match="gate='saturation' needs before="):
+        model.gate_score(0, torch.randn(2, 32))
+    with pytest.raises(ValueError, match="gate= is not supported for torch.fx-traced models"):
+        adaexit.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)), exits=["1"],
+                     gate="saturation")
 
 
 @pytest.mark.parametrize("eos_mid_batch", [False, True])
@@ -340,12 +399,13 @@ def test_the_kernels_path_through_the_interpreter(triton_backend):
     assert torch.equal(decode(model, ids, mask, 8, eos, "self_speculative", num_draft=2)[0], expected)
     assert torch.equal(decode(model, ids, mask, 8, eos, "self_speculative", num_draft=3, draft_threshold=0.5)[0],
                        expected)
-    out, info = decode(model, ids, mask, 8, eos, "early_exit")
-    assert info.exit_counts[0] > 0
-    for r in range(3):
-        n = int(mask[r].sum())
-        alone = decode(model, ids[r : r + 1, -n:], None, 8, eos, "early_exit")[0][0]
-        assert out[r, ids.shape[1] - n :][: alone.shape[0]].tolist() == alone.tolist()
+    for fill in ("propagate", "recompute"):
+        out, info = decode(model, ids, mask, 8, eos, "early_exit", fill=fill)
+        assert info.exit_counts[0] > 0
+        for r in range(3):
+            n = int(mask[r].sum())
+            alone = decode(model, ids[r : r + 1, -n:], None, 8, eos, "early_exit", fill=fill)[0][0]
+            assert out[r, ids.shape[1] - n :][: alone.shape[0]].tolist() == alone.tolist(), (fill, r)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from .generate import DecodeInfo, generate
 from .model import SUPPORTED, CausalLMExits, is_causal_lm
 
 
-def wrap_causal_lm(lm, exits, *, heads=None, policy=None) -> CausalLMExits:
-    """``adaexit.wrap`` for causal LMs: see :class:`CausalLMExits` (keywords ``heads=``, ``policy=``)."""
-    return CausalLMExits(lm, exits, heads=heads, policy=policy)
+def wrap_causal_lm(lm, exits, *, heads=None, policy=None, gate=None) -> CausalLMExits:
+    """``adaexit.wrap`` for causal LMs: see :class:`CausalLMExits` (keywords ``heads=``, ``policy=``, ``gate=``)."""
+    return CausalLMExits(lm, exits, heads=heads, policy=policy, gate="learned" if gate is None else gate)
 
 
 __all__ = ["SUPPORTED", "CausalLMExits", "DecodeInfo", "RowCache", "generate", "is_causal_lm", "wrap_causal_lm"]

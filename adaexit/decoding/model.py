@@ -13,6 +13,9 @@ Per exit ``e`` (after decoder layer ``exit_layers[e]``):
 * a cheap **gate**: ``Linear(hidden, 1)`` + sigmoid, the probability that the exit's token equals the last
   layer's. The vocabulary head (49k rows for SmolLM2, the cost of ~8 of its layers) runs only for rows whose
   gate fires. Gates start at zero (score 0.5) and are trained by the application (self-distillation).
+  ``gate="saturation"`` replaces them by CALM's parameter-free **state saturation**: the cosine similarity
+  (clamped at 0) between the hidden state after the exit's layer and before it; a layer that barely turns the
+  state scores near 1.
 
 The policy: :class:`~adaexit.NeverExitPolicy` (the default) or :class:`~adaexit.ConfidencePolicy` whose
 ``thresholds[e]`` applies to exit ``e``'s gate score (its ``criterion`` is not used: the score is the gate's).
@@ -30,6 +33,7 @@ from ..policies import ConfidencePolicy, NeverExitPolicy, Policy
 
 # Causal LMs whose modules have the Llama layout this wrapper runs (q/k/v/o projections, rotary, RMSNorm).
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+GATES = ("learned", "saturation")
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -89,11 +93,16 @@ class CausalLMExits(nn.Module):
             ``None`` or a module mapping hidden states to hidden states (fed to the shared LM head) or to logits.
         policy: :class:`NeverExitPolicy` (default) or :class:`ConfidencePolicy` with one threshold per exit,
             applied to the exit's gate score.
+        gate: ``"learned"`` (default: a trained ``Linear`` + sigmoid per exit) or ``"saturation"`` (CALM's state
+            saturation, no parameters).
     """
 
-    def __init__(self, lm: nn.Module, exits, heads=None, policy: Policy | None = None):
+    def __init__(self, lm: nn.Module, exits, heads=None, policy: Policy | None = None, gate: str = "learned"):
         super().__init__()
         _check_model(lm)
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}, got {gate!r}")
+        self.gate = gate
         self.lm = lm
         self.exit_layers = parse_exits(lm, exits)
         self.exit_names = [f"model.layers.{k}" for k in self.exit_layers]
@@ -181,8 +190,13 @@ class CausalLMExits(nn.Module):
             return self.final_logits(h)
         return self.lm.lm_head(head(h))
 
-    def gate_score(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        """Exit ``e``'s gate score in [0, 1] for ``h`` ``[n, hidden]`` (NaN never exits)."""
+    def gate_score(self, e: int, h: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        """Exit ``e``'s gate score in [0, 1] for ``h`` ``[n, hidden]``, the state after the exit's layer
+        (``before``: the state entering that layer, which ``gate="saturation"`` needs). NaN never exits."""
+        if self.gate == "saturation":
+            if before is None:
+                raise ValueError("gate_score: gate='saturation' needs before=, the state entering the exit's layer")
+            return F.cosine_similarity(h.float(), before.float(), dim=-1).clamp(min=0.0)
         return torch.sigmoid(self.gates[e](h).squeeze(-1).float())
 
     def layer(self, i: int, h: torch.Tensor, step, cache) -> torch.Tensor:
@@ -219,7 +233,7 @@ class CausalLMExits(nn.Module):
         cache.write(i, step, key, value)
 
     def extra_repr(self) -> str:
-        return f"lm={type(self.lm).__name__}, exits={self.exit_names}, thresholds={self.thresholds}"
+        return f"lm={type(self.lm).__name__}, exits={self.exit_names}, gate={self.gate!r}, thresholds={self.thresholds}"
 
     def forward(self, *args, **kwargs):
         raise TypeError("CausalLMExits decodes with adaexit.generate(model, input_ids, ...); it has no forward")

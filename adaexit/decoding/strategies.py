@@ -181,7 +181,7 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold:
             common = None if start is None or active is not None else start + i
             step = cache.step(active, sl + i, 1, run.end(i + 1), cos_sin, common)
             for layer in range(k + 1):
-                h = model.layer(layer, h, step, cache)
+                before, h = h, model.layer(layer, h, step, cache)
             x, probs = sampler.pick(model.exit_logits(draft_exit, h[:, -1]))
             where = torch.arange(n, device=device) if active is None else active
             if q is not None:
@@ -192,7 +192,7 @@ def self_speculative(run: Run, draft_exit: int, num_draft: int, draft_threshold:
             widest = i + 1
             run.layer_passes += where.shape[0] * (k + 1)
             if draft_threshold is not None and i + 1 < m:
-                go = model.gate_score(draft_exit, h[:, 0]) >= draft_threshold
+                go = model.gate_score(draft_exit, h[:, 0], before[:, 0]) >= draft_threshold
                 kept, x = compact(go, x)
                 if kept.shape[0] == 0:
                     break
@@ -260,12 +260,12 @@ def early_exit(run: Run, per_row: bool = True, fill: str = "propagate", max_pend
         done = 0  # layers run so far
         for e, k in enumerate(model.exit_layers):
             for layer in range(done, k + 1):
-                h = model.layer(layer, h, step, cache)
+                before, h = h, model.layer(layer, h, step, cache)
             run.layer_passes += where.shape[0] * (k + 1 - done)
             done = k + 1
             if not thresholds[e] <= 1.0:  # this exit never fires: no gate, no sync
                 continue
-            fire = model.gate_score(e, h[:, 0]) >= thresholds[e]
+            fire = model.gate_score(e, h[:, 0], before[:, 0]) >= thresholds[e]
             if not per_row:
                 fire = fire.all().expand_as(fire)
             order, counts = partition(fire.long(), 2)
@@ -328,21 +328,23 @@ def early_exit_recompute(run: Run, per_row: bool = True, max_pending: int = 4) -
         h = model.embed(run.tok)[:, None]
         step = cache.step(None, slots, 1, run.end(1), model.rotary(h, cache.positions(None, slots, 1)), start)
         for layer in range(k0 + 1):
-            h = model.layer(layer, h, step, cache)
+            before, h = h, model.layer(layer, h, step, cache)
         run.layer_passes += n * (k0 + 1)
         states[run.row_ids, pend] = h[:, 0]
         tokens = torch.empty(n, dtype=torch.long, device=device)
         pend_after = torch.zeros(n, dtype=torch.long, device=device)
-        where, rows, newest, done, left = torch.arange(n, device=device), None, h[:, 0], k0 + 1, False
+        where, rows, done, left = torch.arange(n, device=device), None, k0 + 1, False
+        newest, entering = h[:, 0], before[:, 0]  # the new token's state after and before the exit's layer
         for e, k in enumerate(model.exit_layers):
             if e:
                 for layer in range(done, k + 1):
-                    h = model.layer(layer, h, step, cache)
+                    before, h = h, model.layer(layer, h, step, cache)
                 passes = passes + (pend + 1).sum() * (k + 1 - done)
                 done = k + 1
-                newest = h[torch.arange(h.shape[0], device=device), pend]
+                at = torch.arange(h.shape[0], device=device), pend
+                newest, entering = h[at], before[at]
             if thresholds[e] <= 1.0:  # else this exit never fires: no gate, no sync
-                fire = (model.gate_score(e, newest) >= thresholds[e]) & (pend < max_pending)
+                fire = (model.gate_score(e, newest, entering) >= thresholds[e]) & (pend < max_pending)
                 if not per_row:
                     fire = fire.all().expand_as(fire)
                 order, counts = partition(fire.long(), 2)

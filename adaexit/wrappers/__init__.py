@@ -36,15 +36,17 @@ def wrap(model: nn.Module, exits: Sequence[str], **options):
             models): shapes, widths and layouts are read from it (else from the first batch).
         trim: Hugging Face only: cut the survivors' padding after each exit decision (default ``True``).
 
-    Llama-family causal LMs (``*ForCausalLM``) take ``heads=`` and ``policy=`` and give a
-    :class:`~adaexit.decoding.CausalLMExits`, decoded with :func:`adaexit.generate`.
+    Llama-family causal LMs (``*ForCausalLM``) take ``heads=``, ``policy=`` and ``gate=`` (``"learned"``, the
+    default, or ``"saturation"``) and give a :class:`~adaexit.decoding.CausalLMExits`, decoded with
+    :func:`adaexit.generate`.
 
     The result is in ``model``'s mode (train or eval). See :class:`~.fx.ModelExits` and
     :class:`~.huggingface.TransformerExits`.
     """
     if is_causal_lm(model):  # decoder LLMs, decoded with adaexit.generate (see adaexit.decoding)
-        refuse_options("causal LMs", options, ("heads", "policy"))
-        return wrap_causal_lm(model, exits, heads=options.get("heads"), policy=options.get("policy"))
+        refuse_options("causal LMs", options, ("heads", "policy", "gate"))
+        return wrap_causal_lm(model, exits, heads=options.get("heads"), policy=options.get("policy"),
+                              gate=options.get("gate"))
     if is_huggingface(model):
         return wrap_transformer(model, exits, **options)
     return wrap_fx(model, exits, **options)

@@ -14,7 +14,7 @@ from typing import Sequence
 from torch import nn
 
 #: every keyword ``wrap`` takes (see :func:`adaexit.wrap`); a backend refuses, by name, those it cannot honour
-WRAP_OPTIONS = ("heads", "policy", "example_input", "trim")
+WRAP_OPTIONS = ("heads", "policy", "example_input", "trim", "gate")
 
 
 def refuse_options(backend: str, options: dict, supported: Sequence[str]) -> None:
