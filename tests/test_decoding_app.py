@@ -66,10 +66,10 @@ def test_bench_decode_quick_is_exact():
     from bench import bench_decode
 
     args = argparse.Namespace(quick=True, layers=4, draft_layer=None, num_draft=3, batches=[1, 3], new_tokens=6,
-                              prompt_len=6, repeats=1)
+                              prompt_len=6, repeats=1, max_pending=2)
     report = bench_decode.run_bench(args)
     rows = [r for r in report["rows"] if r["strategy"] != "hf_generate"]
-    assert len(rows) == 6 and all(r["exact"] for r in rows)
+    assert len(rows) == 8 and all(r["exact"] and r["agree_full"] == 1.0 for r in rows)
     spec = [r for r in rows if r["strategy"] == "self_speculative"]
     assert all(r["layers_per_token"] < 4 for r in spec)  # the perfect exit is accepted
 

@@ -1,11 +1,13 @@
-"""The decoding loops: ``full``, ``self_speculative`` (lossless) and ``early_exit`` (per row).
+"""The decoding loops: ``full``, ``self_speculative`` (lossless) and ``early_exit`` (per row; an exited
+row's skipped K/V by state propagation, or ``early_exit_recompute``'s deferred recomputation).
 
 Each runs on a :class:`Run` (the rows still decoding, their pending token and the per-row cache) after the
 prompt's prefill, and returns when every row has finished. A row finishes at its EOS or at
 ``max_new_tokens``; finished rows leave the batch through the compaction kernels (:meth:`Run.emit`).
 
 Host synchronisations: one per step (which rows finished, how far each row got), plus one per exit point
-whose threshold can fire (``early_exit``: the sizes of the leaving and staying groups).
+whose threshold can fire (``early_exit``: the sizes of the leaving and staying groups; with
+``fill="recompute"`` one more at the end, for its count of layer passes).
 
 Every token is chosen by the run's :class:`~adaexit.decoding.sampling.Sampler`: the argmax (greedy), or a draw
 from the warped distribution (``do_sample=True``).
