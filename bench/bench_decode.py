@@ -239,6 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     apply_threads(parser, args)
     args.batches = comma_list(parser, args.batches, "--batches")
+    if args.max_pending < 1 or not 0 < args.exit_fraction < 1:
+        parser.error("--max-pending must be >= 1 and --exit-fraction in (0, 1)")
     if args.quick:
         args.batches, args.new_tokens, args.prompt_len, args.repeats = [1, 3], 8, 8, 1
     return args

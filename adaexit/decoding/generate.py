@@ -17,7 +17,11 @@ from .model import CausalLMExits, is_causal_lm
 from .sampling import Sampler
 from .strategies import STRATEGIES, Run
 
-OPTIONS = {"full": {}, "self_speculative": {"draft_exit": 0, "num_draft": 4, "draft_threshold": None}, "early_exit": {"per_row": True, "fill": "propagate", "max_pending": 4}}
+OPTIONS = {
+    "full": {},
+    "self_speculative": {"draft_exit": 0, "num_draft": 4, "draft_threshold": None},
+    "early_exit": {"per_row": True, "fill": "propagate", "max_pending": 4},
+}
 
 
 @dataclass
@@ -94,7 +98,8 @@ def _check_prompt(input_ids, attention_mask, max_new_tokens, max_positions):
 def _check_fill(settings: dict, options: dict) -> None:
     fill, cap = settings["fill"], settings["max_pending"]
     if fill not in ("propagate", "recompute"):
-        raise ValueError(f"fill must be 'propagate' or 'recompute' (how an exited row's skipped K/V are filled), got {fill!r}")
+        raise ValueError(f"fill must be 'propagate' or 'recompute' (how an exited row's skipped K/V are filled), "
+                         f"got {fill!r}")
     if "max_pending" in options and fill != "recompute":
         raise ValueError("max_pending applies to fill='recompute' only")
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
