@@ -162,6 +162,7 @@ def run_smollm2(args) -> dict:
     with torch.no_grad():
         states, targets = continuations(model, tokenizer, chat_prompts(tokenizer, train), args.new_tokens, batch_size=8)
     agree = exit_tokens(model, 0, states[0]) == targets
+    torch.manual_seed(0)  # the gate's initialisation: the same gate, threshold and decoding every run
     train_gate(model, 0, states[0], agree)
     with torch.no_grad():
         threshold = float(model.gate_score(0, states[0]).quantile(1 - args.exit_fraction))
