@@ -70,12 +70,12 @@ def test_full_sampling_equals_hugging_face_until_the_first_row_finishes():
     assert torch.equal(out[:, : p + first + 1], expected[:, : p + first + 1])
 
 
-@pytest.mark.parametrize("per_row", [True, False])
-def test_never_exit_early_exit_sampling_equals_full_sampling(per_row):
+@pytest.mark.parametrize("per_row, fill", [(True, "propagate"), (False, "propagate"), (True, "recompute")])
+def test_never_exit_early_exit_sampling_equals_full_sampling(per_row, fill):
     lm = tiny_lm(seed=25)
     model = adaexit.wrap(lm, exits=["model.layers.1"])
     ids, mask = prompts(5, seed=26)
-    out, info = sample(model, ids, mask, 10, NEVER, 8, "early_exit", per_row=per_row, **WARPS[3])
+    out, info = sample(model, ids, mask, 10, NEVER, 8, "early_exit", per_row=per_row, fill=fill, **WARPS[3])
     assert torch.equal(out, sample(model, ids, mask, 10, NEVER, 8, **WARPS[3])[0])
     assert info.exit_counts[0] == 0
 
