@@ -14,7 +14,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adaexit
-from adaexit.apps.llm.exits import ExitAdapter, calibrate_thresholds, train_gate
+from adaexit.apps.llm.exits import (DraftLayer, ExitAdapter, as_sequences, calibrate_thresholds, sequence_states,
+                                   train_draft_layer, train_gate)
+from adaexit.apps.llm.finetune import exit_states, perplexity
 from adaexit.apps.llm.job import token_agreement
 
 
@@ -46,6 +48,46 @@ def test_token_agreement_counts_the_reference_tokens_up_to_its_eos():
     out = torch.tensor([[9, 5, 6, 2, 2], [9, 7, 1, 3, 4]])
     assert token_agreement(out, ref, 1, pad) == pytest.approx(6 / 7)  # row 0: 2 tokens + EOS, all equal; row 1: 3 of 4
     assert token_agreement(ref, ref, 1, pad) == 1.0
+
+
+def test_generated_rows_are_scored_from_their_own_prompt_to_their_eos():
+    """The job's perplexity column: each row's left padding dropped, its tokens after its EOS (pad == EOS) too;
+    greedy output scores lower than the same prompts followed by other tokens."""
+    pad = 2
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = torch.tensor([[2, 7, 8, 5, 2, 2], [6, 7, 8, 5, 4, 3]])
+    rows = as_sequences(out, mask, pad)
+    assert [r.tolist() for r, _ in rows] == [[7, 8, 5, 2], [6, 7, 8, 5, 4, 3]]
+    assert [p for _, p in rows] == [2, 3]
+    model = tiny()
+    ids = torch.tensor([[2, 7, 8], [6, 7, 8]])
+    greedy = adaexit.generate(model, ids, mask, max_new_tokens=6, eos_token_id=pad, pad_token_id=pad)
+    other = torch.cat([ids, (greedy[:, 3:] + 1) % 50], 1)
+    with torch.no_grad():
+        low = perplexity(model.lm, as_sequences(greedy, mask, pad), pad)[0]
+        high = perplexity(model.lm, as_sequences(other, mask, pad), pad)[0]
+    assert 1.0 < low < high
+
+
+def test_a_draft_layer_starts_as_the_next_layer_and_learns_the_greedy_tokens():
+    """The job's one-decoder-layer draft adapter: untrained it is exactly decoder layer k + 1 (causal, rotary at
+    positions 0..T-1); self-distilled on the model's greedy sequences it agrees with them more than before."""
+    model = tiny()
+    lm = model.lm
+    ids = torch.randint(3, 50, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h1, h2 = exit_states(lm, [1, 2], ids, torch.ones_like(ids))[:2]
+        torch.testing.assert_close(DraftLayer(lm, 1)(h1), h2, rtol=0, atol=0)
+    prompts = torch.randint(3, 50, (6, 4), generator=torch.Generator().manual_seed(2))
+    out = adaexit.generate(model, prompts, None, max_new_tokens=8, eos_token_id=0, pad_token_id=0)
+    seqs = as_sequences(out, torch.ones_like(prompts), 0)
+    states = [h[0] for h in sequence_states(lm, [0], seqs)]
+    data = list(zip(states, seqs))
+    weights = {k: v.clone() for k, v in lm.state_dict().items()}
+    draft, before, after = train_draft_layer(lm, 0, data, data, steps=60, lr=1e-2)
+    assert isinstance(draft, DraftLayer) and after > before
+    assert all(p.grad is None for p in lm.parameters())  # the model itself untouched
+    assert all(torch.equal(v, weights[k]) for k, v in lm.state_dict().items())
 
 
 def test_an_adapter_starts_as_the_shared_head_and_a_gate_learns_to_separate():

@@ -9,18 +9,22 @@
   49k-row head in every step would not fit the job's budget on a CPU);
 * gates: logistic regression on the hidden state to "this exit's full-vocabulary token equals the last
   layer's";
+* :class:`DraftLayer`: a one-decoder-layer draft adapter (a trainable copy of the next decoder layer before the
+  frozen norm + head), self-distilled per sequence by :func:`train_draft_layer` and measured only;
 * :func:`agreement` (teacher-forced, per exit) and :func:`calibrate_thresholds`: the per-exit gate thresholds
   that run the fewest layers with at least the target token agreement, on validation positions.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
 from torch import nn
 
 from ...decoding import CausalLMExits, generate
+from .finetune import exit_states
 
 
 class ExitAdapter(nn.Module):
@@ -59,13 +63,87 @@ def continuations(model: CausalLMExits, tokenizer, prompts, new_tokens: int, bat
         targets.append(teacher[keep])
         for e, k in enumerate(model.exit_layers):
             states[e].append(out.hidden_states[k + 1][:, p - 1 : -1][keep])
-        for row, prompt_mask in zip(seq, enc.attention_mask.bool()):
-            new = row[p:]
-            ends = (new == tokenizer.pad_token_id).nonzero()
-            new = new[: int(ends[0]) + 1] if ends.numel() else new
-            sequences.append((torch.cat([row[:p][prompt_mask], new]), int(prompt_mask.sum())))
+        sequences.extend(as_sequences(seq, enc.attention_mask, tokenizer.pad_token_id))
     result = [torch.cat(s) for s in states], torch.cat(targets)
     return (*result, sequences) if return_sequences else result
+
+
+def as_sequences(out: torch.Tensor, mask: torch.Tensor, pad: int) -> list[tuple[torch.Tensor, int]]:
+    """Each row of a left-padded ``[B, P + T]`` output as ``(its prompt tokens + its generated tokens up to and
+    including its EOS, its prompt length)``, unpadded (pad == EOS here)."""
+    p, rows = mask.shape[1], []
+    for row, keep in zip(out, mask.bool()):
+        prompt, new = row[:p][keep], row[p:]
+        ends = (new == pad).nonzero()
+        new = new[: int(ends[0]) + 1] if len(ends) else new
+        rows.append((torch.cat([prompt, new]), prompt.numel()))
+    return rows
+
+
+class DraftLayer(nn.Module):
+    """A one-decoder-layer draft adapter for exit layer ``k``: a trainable copy of decoder layer ``k + 1`` run on
+    the layer-``k`` states of one unpadded sequence, then the frozen shared final norm + LM head. Measured, not
+    used for decoding (drafting with it would need a KV cache of its own)."""
+
+    def __init__(self, lm: nn.Module, k: int):
+        super().__init__()
+        self.layer = copy.deepcopy(lm.model.layers[k + 1]).float().requires_grad_(True)
+        self.norm = copy.deepcopy(lm.model.norm).requires_grad_(False)  # frozen: no gradient reaches the model
+        self.rotary = lm.model.rotary_emb
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h``: ``[1, T, hidden]`` at positions ``0..T-1`` -> the layer's output, same shape (causal)."""
+        positions = torch.arange(h.shape[1], device=h.device)[None]
+        causal = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=h.device).tril()[None, None]
+        return self.layer(h, attention_mask=causal, position_ids=positions,
+                          position_embeddings=self.rotary(h, positions))
+
+
+@torch.no_grad()
+def sequence_states(lm: nn.Module, exit_layers, sequences) -> list[list[torch.Tensor]]:
+    """Per sequence, the hidden states ``[1, T, hidden]`` after each exit layer (one unpadded pass each)."""
+    out = []
+    for seq, _ in sequences:
+        ids = seq[None]
+        out.append(exit_states(lm, exit_layers, ids, torch.ones_like(ids))[: len(exit_layers)])
+    return out
+
+
+def _draft_logits(lm, draft: DraftLayer, h, prompt_len: int, weight=None) -> torch.Tensor:
+    """Logits at the generated positions (each predicts the next token), over ``weight``'s rows (default: all)."""
+    x = draft.norm(draft(h)[0, prompt_len - 1 : -1])
+    return x @ (lm.lm_head.weight if weight is None else weight).T
+
+
+def train_draft_layer(lm: nn.Module, k: int, train, val, steps: int, lr: float = 1e-4,
+                      seed: int = 0) -> tuple[DraftLayer, float, float]:
+    """Self-distil a :class:`DraftLayer` for exit layer ``k`` on ``train`` (``[(states [1, T, hidden],
+    (tokens [T], prompt length))]``: one sequence per step, cross-entropy to its next greedy tokens over the
+    tokens that occur); return it and its teacher-forced agreement with those tokens on ``val`` before / after."""
+    draft = DraftLayer(lm, k)
+    vocab = torch.unique(torch.cat([seq[p:] for _, (seq, p) in train]))
+    weight = lm.lm_head.weight[vocab].detach()
+    remap = torch.full((lm.lm_head.weight.shape[0],), -1, dtype=torch.long)
+    remap[vocab] = torch.arange(vocab.numel())
+
+    @torch.no_grad()
+    def agreement_on_val() -> float:
+        hits = total = 0
+        for h, (seq, p) in val:
+            hits += int((_draft_logits(lm, draft, h, p).argmax(-1) == seq[p:]).sum())
+            total += seq.numel() - p
+        return hits / max(total, 1)
+
+    before = agreement_on_val()
+    opt = torch.optim.Adam(draft.layer.parameters(), lr=lr)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    for step in range(steps):
+        h, (seq, p) = train[int(order[step % len(train)])]
+        loss = nn.functional.cross_entropy(_draft_logits(lm, draft, h, p, weight), remap[seq[p:]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return draft.eval(), before, agreement_on_val()
 
 
 def train_adapter(model: CausalLMExits, e: int, states: torch.Tensor, targets: torch.Tensor, steps: int,

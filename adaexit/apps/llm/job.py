@@ -10,11 +10,13 @@
    exit agreement before / after, how much of the original's greedy output it keeps, and perplexities;
 4. self-distil an adapter head and a gate per exit on the model's own greedy continuations of training
    prompts (:mod:`.exits`), calibrate the early-exit thresholds on validation prompts to a token-agreement
-   target, pick the self-speculative draft exit and draft length from the measured acceptance;
+   target, pick the self-speculative draft exit and draft length from the measured acceptance; report what a
+   one-decoder-layer draft adapter per exit (:class:`.exits.DraftLayer`) reaches (measured, not used);
 5. decode held-out prompts at each batch size with Hugging Face ``generate`` (the reference), HF
    ``assistant_early_exit`` (batch 1: the peer), adaexit ``"full"``, ``"self_speculative"``, ``"early_exit"``
    (per row) and the whole-batch early exit (CALM's rule); write ``results.json`` (``rows``: strategy, batch,
-   tokens_per_s, speedup_vs_hf, exact, agreement, layers_per_token, ideal) and ``speed_vs_agreement.png``.
+   tokens_per_s, speedup_vs_hf, exact, agreement, layers_per_token, ideal, perplexity: the full model's perplexity of
+   the generated tokens) and ``speed_vs_agreement.png``.
 
 ``ideal`` is the speedup over adaexit ``"full"`` that the strategy's measured acceptance / layers per token would
 give at the measured cost of its steps (one decoder layer and the LM head timed at this batch size for one token
@@ -38,7 +40,8 @@ from ...decoding import CausalLMExits, generate
 from ...decoding.costs import ideal_speedup, step_costs
 from ...policies import ConfidencePolicy
 from ..encoders.debian import load_debian_descriptions
-from .exits import agreement, calibrate_thresholds, continuations, exit_tokens, train_adapter, train_gate
+from .exits import (agreement, as_sequences, calibrate_thresholds, continuations, exit_tokens, sequence_states,
+                    train_adapter, train_draft_layer, train_gate)
 from .finetune import finetune, perplexity, sequence_agreement
 from .smollm2 import chat_prompts, load_smollm2
 
@@ -133,6 +136,8 @@ def measure(model, tokenizer, prompts, s, plan, log=_log) -> list[dict]:
             generate(model, ids[:, -4:], None, max_new_tokens=2)  # warm up
             ref, t_hf = _timed(lambda: lm.generate(ids, attention_mask=mask, do_sample=False, **common), s["repeats"])
         tokens = generated(ref, p, pad)
+        with torch.no_grad():  # the full model's perplexity of what was generated (lossy outputs score higher)
+            ref_ppl = perplexity(lm, as_sequences(ref, mask, pad), pad)[0]
         costs = step_costs(model, batch, p + s["new_tokens"] // 2, num_draft + 1)
         runs = [
             ("full", dict(strategy="full")),
@@ -141,9 +146,10 @@ def measure(model, tokenizer, prompts, s, plan, log=_log) -> list[dict]:
             ("early_exit_whole_batch", dict(strategy="early_exit", per_row=False)),
         ]
         hf_row = dict(strategy="hf_generate", batch=batch, tokens_per_s=tokens / t_hf, speedup_vs_hf=1.0, exact=True,
-                      agreement=1.0, layers_per_token=float(model.num_layers), ideal=1.0, seconds=t_hf)
+                      agreement=1.0, layers_per_token=float(model.num_layers), ideal=1.0, seconds=t_hf,
+                      perplexity=ref_ppl)
         rows.append(hf_row)
-        log(f"  batch {batch:>3}  hf_generate            {tokens / t_hf:8.2f} tok/s")
+        log(f"  batch {batch:>3}  hf_generate            {tokens / t_hf:8.2f} tok/s  perplexity={ref_ppl:.2f}")
         for name, options in runs:
             with torch.no_grad():
                 (out, info), secs = _timed(lambda: generate(model, ids, mask, return_info=True, **common, **options),
@@ -158,10 +164,12 @@ def measure(model, tokenizer, prompts, s, plan, log=_log) -> list[dict]:
             )
             if name == "self_speculative":
                 row["mean_acceptance"] = info.mean_acceptance
+            with torch.no_grad():
+                row["perplexity"] = ref_ppl if row["exact"] else perplexity(lm, as_sequences(out, mask, pad), pad)[0]
             rows.append(row)
             log(f"  batch {batch:>3}  {name:<22} {row['tokens_per_s']:8.2f} tok/s  x{row['speedup_vs_hf']:.2f} of HF "
                 f"(ideal x{row['ideal']:.2f})  exact={row['exact']}  agreement={row['agreement']:.3f}  "
-                f"layers/token={row['layers_per_token']:.1f}")
+                f"layers/token={row['layers_per_token']:.1f}  perplexity={row['perplexity']:.2f}")
         full_rate = next(r["tokens_per_s"] for r in rows if r["strategy"] == "full" and r["batch"] == batch)
         for r in rows:
             if r["batch"] == batch:  # the engine's own ratio, the one ``ideal`` is relative to
@@ -234,6 +242,22 @@ def off_the_shelf(model, states, targets) -> list[float]:
     return [float((exit_tokens(model, e, v) == targets).float().mean()) for e, v in enumerate(states)]
 
 
+def draft_layers(lm, exit_layers, train_seqs, val_seqs, steps: int) -> dict:
+    """What a one-decoder-layer draft adapter per exit reaches (:class:`.exits.DraftLayer`; reported, not used):
+    teacher-forced agreement with the model's greedy tokens on validation, before (a copy of the next layer) and
+    after self-distillation."""
+    t = time.time()
+    train_h, val_h = sequence_states(lm, exit_layers, train_seqs), sequence_states(lm, exit_layers, val_seqs)
+    report = {}
+    for e, name in enumerate(EXITS):
+        _, before, after = train_draft_layer(lm, exit_layers[e], list(zip([h[e] for h in train_h], train_seqs)),
+                                             list(zip([h[e] for h in val_h], val_seqs)), steps)
+        report[name] = {"before": before, "after": after}
+        _log(f"  {name}: a one-layer draft adapter agrees {before:.3f} -> {after:.3f} (validation, teacher-forced)")
+    _log(f"draft layers trained ({time.time() - t:.0f}s)")
+    return report
+
+
 def finetune_first(model, tokenizer, prompts, s, data) -> tuple[dict, tuple]:
     """Fine-tune the model in place (:mod:`.finetune`) on the original model's continuations ``data`` (train
     and val: states, targets, sequences); returns the report and the fine-tuned model's own continuations
@@ -247,7 +271,8 @@ def finetune_first(model, tokenizer, prompts, s, data) -> tuple[dict, tuple]:
     ppl_after, tf_after = perplexity(lm, val_seqs, pad)
     _log(f"fine-tuned {ft['steps']} steps ({ft['seconds']:.0f}s): loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}; "
          f"perplexity on the original's validation continuations {ppl_before:.3f} -> {ppl_after:.3f}")
-    train = continuations(model, tokenizer, prompts["train"][: s["train_prompts"]], s["train_tokens"], batch_size=16)
+    train = continuations(model, tokenizer, prompts["train"][: s["train_prompts"]], s["train_tokens"], batch_size=16,
+                          return_sequences=True)
     val_states, val_targets, new_val_seqs = continuations(model, tokenizer, prompts["val"][: s["val_prompts"]],
                                                           s["train_tokens"], batch_size=16, return_sequences=True)
     after = off_the_shelf(model, val_states, val_targets)
@@ -258,7 +283,7 @@ def finetune_first(model, tokenizer, prompts, s, data) -> tuple[dict, tuple]:
               "greedy_agreement_with_original": greedy,
               "teacher_forced_agreement_with_original": {"before": tf_before, "after": tf_after},
               "perplexity_on_original_val_continuations": {"before": ppl_before, "after": ppl_after}}
-    return report, (*train, val_states, val_targets)
+    return report, (*train, val_states, val_targets, new_val_seqs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -278,18 +303,18 @@ def run(args: argparse.Namespace) -> int:
     model = CausalLMExits(lm, EXITS)
 
     t = time.time()
-    ft = s["finetune_steps"] > 0  # the fine-tune trains on the original's token sequences
+    ft = s["finetune_steps"] > 0
     train = continuations(model, tokenizer, prompts["train"][: s["train_prompts"]], s["train_tokens"], batch_size=16,
-                          return_sequences=ft)
+                          return_sequences=True)
     val = continuations(model, tokenizer, prompts["val"][: s["val_prompts"]], s["train_tokens"], batch_size=16,
-                        return_sequences=ft)
+                        return_sequences=True)
     _log(f"continuations: {train[1].numel()} train / {val[1].numel()} val positions ({time.time() - t:.0f}s)")
     finetuned = None
     if ft:
-        finetuned, (train_states, train_targets, val_states, val_targets) = finetune_first(
+        finetuned, (train_states, train_targets, train_seqs, val_states, val_targets, val_seqs) = finetune_first(
             model, tokenizer, prompts, s, (train, val))
     else:
-        (train_states, train_targets), (val_states, val_targets) = train, val
+        (train_states, train_targets, train_seqs), (val_states, val_targets, val_seqs) = train, val
     report = {"off_the_shelf": {}, "trained": {}}
     off = off_the_shelf(model, val_states, val_targets)
     heads = []
@@ -304,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         train_gate(model, e, train_states[e], exit_tokens(model, e, train_states[e]) == train_targets)
     agrees, scores = agreement(model, val_states, val_targets)
     _log(f"exits trained ({time.time() - t:.0f}s)")
+    report["draft_layer"] = draft_layers(lm, model.exit_layers, train_seqs, val_seqs, s["steps"])
     for e, name in enumerate(EXITS):
         report["off_the_shelf"][name] = off[e]
         report["trained"][name] = tuned[e]
