@@ -422,9 +422,10 @@ class ExecutionTrace:
         would read the device), so it gives lost rows NaN logits and ``exit_index`` -1, and says so here."""
         if self.counts is not None:
             self.exit_counts, self.rows_run, self.rows_decided = to_host(self.counts)
-            self.counts = None
             lost = len(self.exit_index) - sum(self.exit_counts)
-            if lost:
+            if not lost:
+                self.counts = None
+            else:  # (counts kept: every later read raises too)
                 raise ValueError(
                     f"the policy lost rows ({lost} of {len(self.exit_index)}; their logits are NaN, their "
                     "exit_index -1): routes must lie in [0, 1 + len(successors[k])) at every node k; "

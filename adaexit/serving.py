@@ -162,7 +162,11 @@ class Server:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    admitted = self._admit() if self._admission_due() else False
+                    try:
+                        admitted = self._admit() if self._admission_due() else False
+                    except Exception as err:  # (a bug: fail what is in flight rather than leave the worker dead)
+                        self._fail_in_flight(err)
+                        admitted = False
                     if self._closed and not self._pending and self._scheduler.idle:
                         return
                     ended = self._closed and not self._pending  # nothing more will come: flush

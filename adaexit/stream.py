@@ -24,7 +24,9 @@ their batch: each queue holds fewer than ``batch_size`` rows after the full ones
 within about ``batch_size`` rows per node whatever the bound. The bound matters for deep nodes: a node
 that a fraction ``p`` of the rows reach fills only once about ``batch_size / p`` rows are in flight; below
 that, reaching the bound runs it on a partial queue (a chain with 12.5% reaching its last node runs it on
-16 rows on average at ``4 * batch_size``, 58 at ``16 * batch_size``).
+16 rows on average at ``4 * batch_size``, 58 at ``16 * batch_size``). With ``return_info=True`` each batch
+in flight also keeps its input (for its :class:`~adaexit.ExitInfo`): up to 16 input batches with
+:func:`stream`'s default bound; pass ``max_rows_in_flight`` to hold fewer.
 
 Host synchronisation: one per decision point, as in one batch: the partition runs on route x input
 batch, so the same read says how many rows of each batch finished (a terminal node: one read of that).
@@ -188,7 +190,7 @@ class Scheduler:
         if n:
             slots = torch.arange(start, start + n, device=device).remainder_(self.capacity)
             numbers = torch.arange(number, self.next_number, device=device)
-            if n != len(xs):  # (1-row requests: one number per row already)
+            if any(k != 1 for k in ns):  # (1-row requests: one number per row already; 0-row ones get none)
                 numbers = numbers.repeat_interleave(torch.tensor(ns, device=device), output_size=n)
             head = torch.stack([slots, numbers, torch.zeros_like(slots)], dim=1)
             loose = {key: state[key] for key in packing.loose}

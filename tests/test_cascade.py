@@ -21,6 +21,7 @@ from adaexit.calibration import calibrate
 from adaexit.simulation import full_cost
 from adaexit.calibration.thresholds import ChainSearch, route_options
 from adaexit.cost import chain_flops, count_flops
+from adaexit.executor import ExecutionTrace
 from adaexit.kernels import _dispatch
 from adaexit.simulation import budget_losses, simulate_routes
 from helpers import RowCounter, dense_scores, easy_hard, first_exit, fit, mlp_net, randn_inputs, round_trip
@@ -271,6 +272,10 @@ def test_a_router_that_loses_rows_is_named_in_both_modes(sync):
         assert torch.isnan(logits[[3, 7]]).all() and not torch.isnan(logits[[0, 1, 2, 4, 5, 6]]).any()
         with pytest.raises(ValueError, match=r"lost rows \(2 of 8; their logits are NaN"):
             c(x, return_info=True)
+    trace = ExecutionTrace(torch.tensor([0, -1]), counts=torch.tensor([[1], [2], [2]]))
+    for _ in range(2):  # every read of a trace that lost rows raises, not just the first
+        with pytest.raises(ValueError, match=r"lost rows \(1 of 2"):
+            trace.settle()
 
 
 def test_one_host_sync_per_decision():

@@ -73,6 +73,16 @@ def test_finetune_changes_the_layers_lowers_the_early_exit_loss_and_keeps_the_he
     assert not torch.equal(lm.model.layers[1].mlp.up_proj.weight, layer)
     assert torch.equal(lm.lm_head.weight, head) and lm.lm_head.weight.requires_grad  # frozen, then restored
     assert not lm.training and report["steps"] == 3 and report["weights"] == pytest.approx(weights.tolist())
+    assert all(p.grad is None for p in lm.parameters())  # no model-sized gradients left behind
+
+
+def test_finetune_restores_what_the_caller_froze():
+    lm, seqs = tiny_lm(), sequences()
+    lm.requires_grad_(False)
+    layer = lm.model.layers[1].mlp.up_proj.weight.detach().clone()
+    finetune(lm, EXITS, seqs, steps=2, pad=PAD, lr=1e-2, batch_size=len(seqs))
+    assert not torch.equal(lm.model.layers[1].mlp.up_proj.weight, layer)  # the layers trained all the same
+    assert not any(p.requires_grad for p in lm.parameters())
 
 
 @pytest.mark.parametrize("bad, name", [(dict(steps=0), "steps"), (dict(lr=0.0), "lr"), (dict(p_max=1.0), "p_max"),

@@ -107,21 +107,23 @@ def test_the_wait_counts_from_admission_not_per_node():
     assert scheduler.deadline() is None and scheduler.idle
 
 
-def test_admit_many_keeps_each_batch_its_own():
+@pytest.mark.parametrize("sizes", [[1, 3, 0, 1, 2], [2, 0], [0, 2], [3, 0, 0]])
+def test_admit_many_keeps_each_batch_its_own(sizes):
     """Batches admitted together (one concatenation, as a Server admits the requests waiting) come out one
-    by one in order, each equal to model(batch), 0-row batches and several sizes mixed; an admission that
-    fails (rows that do not concatenate, or too many) changes nothing."""
+    by one in order, each equal to model(batch), 0-row batches and several sizes mixed (as many rows as
+    batches, too: each row still belongs to its own batch); an admission that fails (rows that do not
+    concatenate, or too many) changes nothing."""
     model = small_combination(DIM, CLASSES)
-    xs = [randn_inputs(n, DIM, seed=i, scale=3) for i, n in enumerate([1, 3, 0, 1, 2])]
+    xs = [randn_inputs(n, DIM, seed=i, scale=3) for i, n in enumerate(sizes)]
     scheduler = Scheduler(model, batch_size=4, max_rows_in_flight=8)
     with torch.inference_mode():
         with pytest.raises(RuntimeError):  # torch.cat: rows of two shapes
-            scheduler.admit_many([xs[0], randn_inputs(1, DIM + 1)], tags=["a", "b"])
+            scheduler.admit_many([randn_inputs(1, DIM), randn_inputs(1, DIM + 1)], tags=["a", "b"])
         with pytest.raises(RuntimeError, match="no room"):
-            scheduler.admit_many(xs + [randn_inputs(2, DIM)])  # 9 rows > 8
+            scheduler.admit_many(xs + [randn_inputs(9 - sum(sizes), DIM)])  # 9 rows > 8
         assert scheduler.idle and scheduler.next_id == 0 and sum(scheduler.queued) == 0
         scheduler.admit_many(xs, tags=list(range(len(xs))))
-        assert scheduler.queued[0] == 7 and len(scheduler.queues[0]) == 1  # one part for all of them
+        assert scheduler.queued[0] == sum(sizes) and len(scheduler.queues[0]) == 1  # one part for all of them
         while scheduler.step(flush=True):
             pass
         done = list(scheduler.pop_done())

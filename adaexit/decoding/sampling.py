@@ -16,6 +16,11 @@ import math
 import torch
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same type, and the same index where both name one (``cuda`` means the current device)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -40,7 +45,7 @@ class Sampler:
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise ValueError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
-            if device is not None and generator.device.type != torch.device(device).type:
+            if device is not None and not _same_device(generator.device, torch.device(device)):
                 raise ValueError(f"generator is on {generator.device}, the model on {device}: they must match")
         given = {"temperature": temperature != 1.0, "top_k": top_k is not None, "top_p": top_p is not None,
                  "generator": generator is not None}

@@ -126,9 +126,9 @@ def finetune(lm: nn.Module, exit_layers, sequences: list[Sequence], steps: int, 
     rates, weights = dropout_rates(num_layers, p_max), exit_weights(exit_layers, num_layers)
     params = list(lm.model.layers.parameters())
     trained = {id(p) for p in params}
-    frozen = [p for p in lm.parameters() if id(p) not in trained]
-    for p in frozen:
-        p.requires_grad_(False)
+    was = [(p, p.requires_grad) for p in lm.parameters()]  # restored afterwards, whatever they were
+    for p, _ in was:
+        p.requires_grad_(id(p) in trained)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses, started = [], time.perf_counter()
@@ -145,8 +145,9 @@ def finetune(lm: nn.Module, exit_layers, sequences: list[Sequence], steps: int, 
             losses.append(loss.item())
     finally:
         lm.eval()
-        for p in frozen:
-            p.requires_grad_(True)
+        opt.zero_grad(set_to_none=True)  # (the gradients would hold a model's worth of memory)
+        for p, requires in was:
+            p.requires_grad_(requires)
     return dict(steps=steps, lr=lr, p_max=p_max, batch_size=batch_size, dropout="per sequence, linear in depth",
                 exit_layers=exit_layers, weights=weights.tolist(), loss_first=losses[0], loss_last=losses[-1],
                 trained="decoder layers (embedding / LM head and final norm frozen)",
