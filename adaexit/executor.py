@@ -364,8 +364,14 @@ def run_node(nodes: list[Node], i: int, part: Part, router: Router, packing: Pac
     key = route if g == 1 else torch.add(meta[:, 1], route, alpha=g).sub_(groups[0])
     try:
         order, counts = partition(key, num_routes * g)
-    except ValueError as err:  # (the CPU path checks route values; name the node that made them)
-        raise ValueError(f"node {i} ({node.name}): the router gave routes outside [0, {num_routes}): {err}") from err
+    except ValueError as err:  # (the CPU path checks the values: name the node, quote its router's own routes)
+        where = f"node {i} ({node.name}): the router gave"
+        if route.is_floating_point() or route.is_complex():
+            raise ValueError(f"{where} {route.dtype} routes; routes are integers in [0, {num_routes})") from err
+        lo, hi = (int(v) for v in torch.aminmax(route.long()))
+        if lo < 0 or hi >= num_routes:
+            raise ValueError(f"{where} routes in [{lo}, {hi}], outside [0, {num_routes})") from err
+        raise ValueError(f"node {i} ({node.name}): {err}") from err
     need = None
     if isinstance(features, RowBatch):  # (RowBatch.route_lengths reads routes as long, as documented)
         need = features.route_lengths(route.long() if route.dtype == torch.bool else route, num_routes)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import adaexit
 from adaexit import ConfidencePolicy, EarlyExitNet, ExitHead, NeverExitPolicy
 from adaexit.cascade import Cascade, NetworkSelectionPolicy
 from adaexit.evaluation import cascade_oracle, collect, evaluate_policy, frontier_table, policy_frontier
@@ -265,8 +266,11 @@ def test_a_router_that_loses_rows_is_named_in_both_modes(sync):
     x = inputs(n, seed=3)
     with torch.no_grad():
         if sync:
-            with pytest.raises(ValueError, match=r"node 1 \(model 1 .*routes outside \[0, 2\)"):
+            with pytest.raises(ValueError, match=r"node 1 \(model 1 .*routes in \[0, 9\], outside \[0, 2\)"):
                 c(x)
+            # streamed, the partition runs on route x batch: the message still quotes the router's own routes
+            with pytest.raises(ValueError, match=r"node 1 \(model 1 .*routes in \[0, 9\], outside \[0, 2\)"):
+                list(adaexit.stream(c, [x[:4], x[4:]], batch_size=8))
             return
         logits = c(x)
         assert torch.isnan(logits[[3, 7]]).all() and not torch.isnan(logits[[0, 1, 2, 4, 5, 6]]).any()
