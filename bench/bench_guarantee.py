@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from adaexit import Cascade, EarlyExitNet, calibrate
+from adaexit.apps.common import cache_dir as apps_cache_dir
 from adaexit.apps.fashion_mnist.models import small_cnn, spatial_head, wide_cnn_stages
 from adaexit.calibration import CalibrationWarning
 from adaexit.calibration.candidates import Candidates
@@ -50,8 +50,7 @@ VERSIONS = {"early_exit": "v2", "cascade": "v1"}
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "adaexit" / "bench_guarantee"
+    return apps_cache_dir("bench_guarantee")
 
 
 def build(name: str):

@@ -35,6 +35,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..common import cache_dir
+
 DEFAULT_CLASSES = ("admin", "devel", "doc", "games", "net", "perl", "python", "science", "sound", "utils")
 SPLIT_SHARES = {"test": 0.15, "val": 0.15, "train": 0.70}
 SALT = "adaexit-debian-v1"
@@ -43,8 +45,7 @@ _TRANSITIONAL = re.compile(r"transitional (dummy )?package|dummy transitional|\b
 
 
 def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "adaexit" / "debian_text"
+    return cache_dir("debian_text")
 
 
 # -- apt's lists ----------------------------------------------------------------------------------

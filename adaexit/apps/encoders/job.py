@@ -36,6 +36,8 @@ from ... import MultiExitLoss, calibrate, train, wrap
 from ...cost import interleaved_times, machine_info
 from ...data import load_fashion_mnist, make_loader, train_val_split
 from ...wrappers.huggingface import MeanPoolHead
+from ..common import cache_dir
+from ..common import log as _log
 from .debian import load_debian_descriptions
 
 TIMING_BATCHES = (1, 32, 128)
@@ -43,13 +45,8 @@ TEXT_EXITS = ("bert.encoder.layer.1", "bert.encoder.layer.3")
 VIT_EXITS = ("vit.layers.1", "vit.layers.3")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "adaexit" / "encoders"
+    return cache_dir("encoders")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -56,6 +56,7 @@ from ...cost import count_flops, interleaved_times, machine_info
 from ...data import load_fashion_mnist, train_val_split
 from ...reports import plot_exits, plot_system_frontiers
 from ...training import evaluate
+from ..common import log as _log
 from .models import plain_network
 from .recipe import default_cache, net_configs, train_all
 
@@ -100,10 +101,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _subset(x, y, n, seed):
     if n >= x.shape[0]:
         return x, y

@@ -35,6 +35,8 @@ from torch import nn
 from ...data import make_loader
 from ...early_exit import EarlyExitNet
 from ...training import MultiExitLoss, teacher_logits, train, train_classifier
+from ..common import cache_dir
+from ..common import log as _log
 from .models import ZOO, plain_network
 
 #: Modules whose code shapes training whatever the network: the loop and loss, the loader, the recipe
@@ -84,8 +86,7 @@ def net_configs(epochs: int, smoke: bool, train_batch_size: int) -> list[NetConf
 
 
 def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "adaexit" / "demo"
+    return cache_dir("demo")
 
 
 def build(cfg: NetConfig) -> nn.Module:
@@ -157,10 +158,6 @@ def load_checkpoint(cfg: NetConfig, path: Path) -> tuple[nn.Module, dict]:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     load_weights(model, saved["state_dict"], path)
     return model.eval(), saved["record"]
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def train_or_load(cfg: NetConfig, data, path: Path, seed: int, retrain: bool, progress: bool,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -39,6 +38,8 @@ from ...cost import device_name
 from ...decoding import CausalLMExits, generate
 from ...decoding.costs import ideal_speedup, step_costs
 from ...policies import ConfidencePolicy
+from ..common import cache_dir
+from ..common import log as _log
 from ..encoders.debian import load_debian_descriptions
 from .exits import (agreement, as_sequences, calibrate_thresholds, continuations, exit_tokens, sequence_states,
                     train_adapter, train_draft_layer, train_gate)
@@ -48,13 +49,8 @@ from .smollm2 import chat_prompts, load_smollm2
 EXITS = ("model.layers.7", "model.layers.14", "model.layers.23")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "adaexit" / "llm"
+    return cache_dir("llm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
