@@ -80,6 +80,16 @@ def as_sequences(out: torch.Tensor, mask: torch.Tensor, pad: int) -> list[tuple[
     return rows
 
 
+def candidate_head(lm: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head restricted to the tokens that occur in ``tokens`` (the full 49k-row head in every training
+    step would not fit the job's budget on a CPU): ``(its rows [V', hidden], remap [vocab])`` with
+    ``remap[token]`` the token's row there (-1 for the others)."""
+    vocab = torch.unique(tokens)
+    remap = torch.full((lm.lm_head.weight.shape[0],), -1, dtype=torch.long)
+    remap[vocab] = torch.arange(vocab.numel())
+    return lm.lm_head.weight[vocab].detach(), remap
+
+
 class DraftLayer(nn.Module):
     """A one-decoder-layer draft adapter for exit layer ``k``: a trainable copy of decoder layer ``k + 1`` run on
     the layer-``k`` states of one unpadded sequence, then the frozen shared final norm + LM head. Measured, not
@@ -121,10 +131,7 @@ def train_draft_layer(lm: nn.Module, k: int, train, val, steps: int, lr: float =
     (tokens [T], prompt length))]``: one sequence per step, cross-entropy to its next greedy tokens over the
     tokens that occur); return it and its teacher-forced agreement with those tokens on ``val`` before / after."""
     draft = DraftLayer(lm, k)
-    vocab = torch.unique(torch.cat([seq[p:] for _, (seq, p) in train]))
-    weight = lm.lm_head.weight[vocab].detach()
-    remap = torch.full((lm.lm_head.weight.shape[0],), -1, dtype=torch.long)
-    remap[vocab] = torch.arange(vocab.numel())
+    weight, remap = candidate_head(lm, torch.cat([seq[p:] for _, (seq, p) in train]))
 
     @torch.no_grad()
     def agreement_on_val() -> float:
@@ -153,10 +160,7 @@ def train_adapter(model: CausalLMExits, e: int, states: torch.Tensor, targets: t
     adapter = ExitAdapter(lm.model.norm, model.hidden_size)
     with torch.no_grad():  # candidates: every target, and what the untrained exit says
         start = lm.lm_head(lm.model.norm(states)).argmax(-1)
-    vocab = torch.unique(torch.cat([targets, start]))
-    weight = lm.lm_head.weight[vocab].detach()
-    remap = torch.full((model.vocab_size,), -1, dtype=torch.long)
-    remap[vocab] = torch.arange(vocab.numel())
+    weight, remap = candidate_head(lm, torch.cat([targets, start]))
     labels = remap[targets]
     opt = torch.optim.Adam(adapter.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
