@@ -186,21 +186,19 @@ def partition_torch(route: torch.Tensor, num_routes: int, *, capacity: int | Non
 def _partition_reference(route: torch.Tensor, num_routes: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`partition_torch` on checked arguments (the op's path: the public function checked them)."""
     keys = route.to(torch.int64)
-    if route.device.type == "cpu":  # one op; it rejects negative routes, and larger ones lengthen its output
-        try:
+    # no separate pass over the routes: on the CPU bincount (one op) rejects negative routes and larger ones
+    # lengthen its output; elsewhere scatter_add_ bounds-checks them where it can
+    try:
+        if route.device.type == "cpu":
             counts = torch.bincount(keys, minlength=num_routes)
-        except RuntimeError:
-            _check_values(route, num_routes)  # raises the ValueError
-            raise
-        if counts.shape[0] != num_routes:
-            _check_values(route, num_routes)  # raises the ValueError
-    else:
-        counts = torch.zeros(num_routes, dtype=torch.int64, device=route.device)
-        try:  # scatter_add_ bounds-checks the routes where it can: no separate pass over them
+        else:
+            counts = torch.zeros(num_routes, dtype=torch.int64, device=route.device)
             counts.scatter_add_(0, keys, torch.ones_like(keys))
-        except RuntimeError:
-            _check_values(route, num_routes)  # raises the ValueError
-            raise
+    except RuntimeError:
+        _check_values(route, num_routes)  # raises the ValueError
+        raise
+    if counts.shape[0] != num_routes:
+        _check_values(route, num_routes)  # raises the ValueError
     order = torch.sort(keys, stable=True).indices
     return (order if capacity is None else _per_route(order, counts, capacity)), counts
 
