@@ -315,15 +315,12 @@ class Scheduler:
         sizes = [batch.n for batch in done]
         start, n = done[0].start, done[-1].start + done[-1].n - done[0].start
         if sum(sizes) and self.logits is not None:  # (no ring yet: every batch with rows failed)
-            first = start % self.capacity
-            if n > sum(sizes):  # batches given out earlier between them: their slots, one by one
-                slots = torch.tensor([r % self.capacity for b in done for r in range(b.start, b.start + b.n)],
-                                     device=self.logits.device)
-                logits, visits = gather_rows(self.logits, slots), gather_rows(self.visits, slots)
-            elif first + n <= self.capacity:  # contiguous in the ring: a copy
+            first, device = start % self.capacity, self.logits.device
+            if n == sum(sizes) and first + n <= self.capacity:  # contiguous in the ring: a copy
                 logits, visits = self.logits[first : first + n].clone(), self.visits[first : first + n].clone()
-            else:  # wraps around the ring's end
-                slots = torch.arange(start, start + n, device=self.logits.device) % self.capacity
+            else:  # round the ring's end, or around batches given out earlier: gather the slots
+                spans = [(start, n)] if n == sum(sizes) else [(b.start, b.n) for b in done]
+                slots = torch.cat([torch.arange(a, a + k, device=device) for a, k in spans]) % self.capacity
                 logits, visits = gather_rows(self.logits, slots), gather_rows(self.visits, slots)
             if dtype is not None and logits.dtype != dtype:
                 logits = logits.to(dtype)
