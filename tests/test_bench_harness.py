@@ -217,13 +217,16 @@ def test_bench_early_exit_report_structure():
 
     report = bench_early_exit.run_benchmark(repeats=1, breakdown=True, batch=32, model="tiny")
     names = [row["strategy"] for row in report["strategies"]]
-    assert names == ["plain", "masked_dense", "batch1_loop", "adaexit", "never_exit"]
+    assert names == ["plain", "masked_dense", "batch1_loop", "adaexit", "never_exit", "never_exit_stream",
+                     "never_exit_zero_sync"]
     assert sum(report["exit_counts"]) == 32 and report["rows_run"][0] == 32
     assert report["ideal_speedup"] > 1.0
-    assert set(report["targets"]) == {"adaexit_over_ideal>=0.9", "never_exit_overhead<=3%"}
+    assert set(report["targets"]) == {"adaexit_over_ideal>=0.9", "never_exit_overhead<=3%",
+                                      "never_exit_stream_overhead<=3%", "never_exit_zero_sync_overhead<=3%"}
+    assert set(report["never_exit_overhead_paired"]) == set(bench_early_exit.NEVER_EXIT_MODES)
     assert "executor_overhead_ms" in report and "ideal_speedup_latency" in report
     text = bench_early_exit.format_report(report)
-    assert "masked_dense" in text and "never-exit overhead" in text and "targets:" in text
+    assert "masked_dense" in text and "never-exit overhead" in text and "zero_sync" in text and "targets:" in text
 
 
 def test_end_to_end_report_structure(tmp_path, capsys):
