@@ -60,7 +60,8 @@ COMBINATION_FRACTIONS = (0.5, 0.25, 0.05, 0.05, 0.05)  # fresh combination: MLP,
 TARGET_WORK_RATIO = 0.9
 TARGET_CHAIN_FLOPS_RATIO = 0.8  # issue 19 (held-out chain, batch 64)
 #: default and --quick settings: most rows per pass, fewest rows, request batches per pass, seconds per cell
-DEFAULTS = {"rows": 4096, "min_rows": 512, "batches": 16, "cell_seconds": 3.0, "chain_width": 1024}
+#: (default: issue 19's held-out chain, two Linear(512, 512) per stage, 64 request batches of 64 rows)
+DEFAULTS = {"rows": 4096, "min_rows": 512, "batches": 64, "cell_seconds": 3.0, "chain_width": 512}
 QUICK = {"rows": 1024, "min_rows": 128, "batches": 8, "cell_seconds": 1.0, "chain_width": 512}
 
 
@@ -68,7 +69,7 @@ QUICK = {"rows": 1024, "min_rows": 128, "batches": 8, "cell_seconds": 1.0, "chai
 # Systems
 
 
-def chain(width: int = 1024, stages: int = 4, num_classes: int = 10, seed: int = 0) -> EarlyExitNet:
+def chain(width: int = 512, stages: int = 4, num_classes: int = 10, seed: int = 0) -> EarlyExitNet:
     """``stages`` equal-cost MLP stages (two ``Linear(width, width)`` + ReLU each) with a pooled-linear exit
     head after each; the input is ``width`` features. Random weights (speed, not accuracy)."""
     gen_state = torch.random.get_rng_state()
@@ -82,7 +83,7 @@ def chain(width: int = 1024, stages: int = 4, num_classes: int = 10, seed: int =
     return model.eval()
 
 
-def chain_system(rows: int, width: int = 1024, seed: int = 0):
+def chain_system(rows: int, width: int = 512, seed: int = 0):
     model = chain(width, seed=seed)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
     model.set_policy(policy_for_fractions(model, x, CHAIN_FRACTIONS))

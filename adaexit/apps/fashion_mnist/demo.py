@@ -31,8 +31,8 @@ The flow:
    other processes hits them alike); speedup = the strongest network's time / the system's time.
 
 Nothing is assumed: every number in the table is measured in the run that prints it. The
-``"best"`` entry of ``results.json`` is the adaptive system with the largest *expected* speedup on the
-validation split (so the test set is never used to choose), with its *measured* test numbers.
+``"best"`` entry of ``results.json`` is the adaptive system and mode (per batch or streamed) that ran the
+validation images fastest (so the test set is never used to choose), with its *measured* test numbers.
 """
 
 from __future__ import annotations
@@ -329,19 +329,24 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"name": n, **r} for n, r in results.items()]
     table = format_table(rows, strongest)
 
-    # "best": chosen on validation (largest expected speedup within budget; its mode, the faster one on
-    # validation), reported on test
-    best_system = max(selections, key=lambda n: selections[n].speedup)
-    val_times = time_passes({"per-batch": per_batch(systems[best_system], val_batches),
-                             "stream": streamed(systems[best_system], val_batches, bs)}, repeats=3)
-    mode = min(val_times, key=lambda m: val_times[m]["median_s"])
-    best_name = best_system if mode == "per-batch" else f"{best_system} (stream)"
+    # "best": chosen on validation, reported on test: every system (each within the budget there) in both
+    # modes, timed on the validation images; the fastest wins. (The largest expected FLOPs speedup is not the
+    # fastest here: the cheap networks run far below the wide CNN's FLOP rate on a CPU.)
+    val_passes = {}
+    for name, system in systems.items():
+        val_passes[name] = per_batch(system, val_batches)
+        val_passes[f"{name} (stream)"] = streamed(system, val_batches, bs)
+    val_times = time_passes(val_passes, repeats=3)
+    best_name = min(val_times, key=lambda n: val_times[n]["median_s"])
+    best_system = best_name.removesuffix(" (stream)")
+    mode = "stream" if best_name.endswith(" (stream)") else "per-batch"
     best = results[best_name]
     total_seconds = time.perf_counter() - t_start
     summary = {
         "system": best_system,
         "mode": mode,
-        "selected_by": f"largest expected speedup ({args.cost}) on the validation split; mode: the faster on it",
+        "selected_by": "the fastest system and mode on the validation split (each calibrated within the budget there)",
+        "validation_seconds": {name: t["median_s"] for name, t in val_times.items()},
         "accuracy": best["accuracy"],
         "accuracy_drop_pp": best["accuracy_drop_pp"],
         "speedup": best["speedup"],
