@@ -28,7 +28,7 @@ import os
 # Sparse execution runs each convolution at many sub-batch sizes (a batch of 256 can give a node any of 256
 # sizes), and oneDNN keeps one compiled CPU primitive per shape in an LRU cache of 1,024 entries by default.
 # The demo's systems cycle through more shapes than that, so every call missed and recompiled (~0.7 ms per
-# convolution on a 2-core CPU): the adaptive models ran 20-35% slower than with a larger cache, the plain
+# convolution on a 2-core CPU): the adaptive models ran 13-27% slower than with a larger cache, the plain
 # models not at all. oneDNN reads the capacity when it creates its first primitive: import adaexit before
 # running any convolution, or set the variable yourself (your value is kept).
 ONEDNN_PRIMITIVE_CACHE = 16384
