@@ -198,14 +198,13 @@ def run_benchmark(repeats: int = 15, breakdown: bool = True, batch: int = BATCH,
     # masked-dense and batch-1 runs, whichever ran after them paid for their memory traffic (+-10%).
     never = interleaved_times({"plain": calls["plain"], **{m: setup["calls"][m] for m in NEVER_EXIT_MODES}},
                               repeats=repeats, warmup=1, rotate=True)
-    times.update({m: [t * p / q for t, p, q in zip(never[m], times["plain"], never["plain"])]
-                  for m in NEVER_EXIT_MODES})  # (as a ratio to plain in their round, on the main rounds' scale)
     ms = {name: median(t) * setup["scale"][name] for name, t in times.items()}
-    plain_ms = ms["plain"]
+    ms.update({m: median(never[m]) for m in NEVER_EXIT_MODES})
+    plain_ms, never_plain_ms = ms["plain"], median(never["plain"])
     ideal = info.ideal_speedup
     rows = []
     for name in ("plain", "masked_dense", "batch1_loop", "adaexit") + NEVER_EXIT_MODES:
-        speedup = plain_ms / ms[name]
+        speedup = (never_plain_ms if name in NEVER_EXIT_MODES else plain_ms) / ms[name]  # (each vs its rounds' plain)
         adaptive = name in ("masked_dense", "batch1_loop", "adaexit")
         rows.append(
             {
@@ -216,7 +215,7 @@ def run_benchmark(repeats: int = 15, breakdown: bool = True, batch: int = BATCH,
                 "measured_over_ideal": speedup / ideal if adaptive else speedup,
             }
         )
-    overhead = {mode: ms[mode] / plain_ms - 1.0 for mode in NEVER_EXIT_MODES}
+    overhead = {mode: ms[mode] / never_plain_ms - 1.0 for mode in NEVER_EXIT_MODES}
     paired = {mode: median([n / p for n, p in zip(never[mode], never["plain"])]) - 1.0 for mode in NEVER_EXIT_MODES}
     report = {
         "benchmark": "early_exit",
