@@ -19,20 +19,22 @@ its graph; policies only decide routes.
 * decoder LLMs: :func:`wrap` on Llama-family causal LMs, :func:`generate` (per-row self-speculative decoding
   and per-row early exit), :class:`CausalLMExits`, :class:`DecodeInfo`
 
-On import, adaexit raises oneDNN's primitive cache to :data:`ONEDNN_PRIMITIVE_CACHE` entries (unless
-``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is already set): see the comment below.
+On import (before torch), adaexit raises oneDNN's primitive cache to :data:`ONEDNN_PRIMITIVE_CACHE` entries
+unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (or ``DNNL_PRIMITIVE_CACHE_CAPACITY``) is already set: see the
+comment below.
 """
 
 import os
 
 # Sparse execution runs each convolution at many sub-batch sizes (a batch of 256 can give a node any of 256
 # sizes), and oneDNN keeps one compiled CPU primitive per shape in an LRU cache of 1,024 entries by default.
-# The demo's systems cycle through more shapes than that, so every call missed and recompiled (~0.7 ms per
-# convolution on a 2-core CPU): the adaptive models ran 13-27% slower than with a larger cache, the plain
-# models not at all. oneDNN reads the capacity when it creates its first primitive: import adaexit before
-# running any convolution, or set the variable yourself (your value is kept).
+# The demo's systems cycle through more shapes than that, so most calls missed and recompiled (~0.7 ms per
+# convolution on a 2-core CPU): the adaptive models took 15-37% longer than with a larger cache, the plain
+# models not at all. oneDNN reads the capacity when it creates its first primitive, so this runs before torch
+# is imported; a value the user set (or the older DNNL_ name, which oneDNN also reads) is kept.
 ONEDNN_PRIMITIVE_CACHE = 16384
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
+if not any(f"{prefix}_PRIMITIVE_CACHE_CAPACITY" in os.environ for prefix in ("ONEDNN", "DNNL")):
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(ONEDNN_PRIMITIVE_CACHE)
 
 from .wrappers import wrap
 from .decoding import CausalLMExits, DecodeInfo, generate

@@ -60,7 +60,7 @@ COMBINATION_FRACTIONS = (0.5, 0.25, 0.05, 0.05, 0.05)  # fresh combination: MLP,
 TARGET_WORK_RATIO = 0.9
 TARGET_CHAIN_FLOPS_RATIO = 0.8  # issue 19 (held-out chain, batch 64)
 #: default and --quick settings: most rows per pass, fewest rows, request batches per pass, seconds per cell
-#: (default: issue 19's held-out chain, two Linear(512, 512) per stage, 64 request batches of 64 rows)
+#: (default: issue 19's held-out chain, two Linear(512, 512) per stage, and 64 request batches a pass: 64 of 64 rows)
 DEFAULTS = {"rows": 4096, "min_rows": 512, "batches": 64, "cell_seconds": 3.0, "chain_width": 512}
 QUICK = {"rows": 1024, "min_rows": 128, "batches": 8, "cell_seconds": 1.0, "chain_width": 512}
 

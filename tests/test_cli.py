@@ -34,18 +34,3 @@ def test_an_unknown_backend_is_refused_by_name():
     proc = subprocess.run([sys.executable, "-m", "adaexit", "info"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "ADAEXIT_BACKEND='cuda'" in proc.stderr
 
-
-@pytest.mark.parametrize("given", [None, "64"])
-def test_import_raises_the_onednn_primitive_cache_unless_set(given):
-    """Sparse execution gives each convolution many sub-batch shapes; oneDNN's default LRU of 1,024
-    compiled primitives thrashed on the demo (see adaexit/__init__.py). Import raises it; a user's own
-    value is kept."""
-    import adaexit
-
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    if given is not None:
-        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
-    script = "import os, adaexit; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == (given or str(adaexit.ONEDNN_PRIMITIVE_CACHE))
-    assert adaexit.ONEDNN_PRIMITIVE_CACHE > 1024  # oneDNN's default, which thrashed

@@ -42,6 +42,13 @@ def test_smoke_run_writes_results_and_plots(tmp_path, capsys):
         assert (r["mode"], streamed["mode"]) == ("per-batch", "stream") and streamed["time_s"] > 0
         assert streamed["same_predictions_as_per_batch"] > 0.99
     assert best["mode"] in ("per-batch", "stream")
+    # the reported system and mode are the fastest on the validation images, every one of the six timed there
+    val = best["validation_seconds"]
+    assert set(val) == {f"{n}{m}" for n in ("early_exit", "cascade", "combination") for m in ("", " (stream)")}
+    fastest = min(val, key=val.get)
+    assert (best["system"], best["mode"]) == (fastest.removesuffix(" (stream)"),
+                                              "stream" if fastest.endswith(" (stream)") else "per-batch")
+    assert best["speedup"] == results["results"][fastest]["speedup"]
     ref = results["results"][results["reference"]]
     assert ref["speedup"] == pytest.approx(1.0) and ref["accuracy_drop_pp"] == pytest.approx(0.0)
     try:

@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     for name, system in systems.items():
         val_passes[name] = per_batch(system, val_batches)
         val_passes[f"{name} (stream)"] = streamed(system, val_batches, bs)
-    val_times = time_passes(val_passes, repeats=3)
+    val_times = time_passes(val_passes, repeats=args.repeats)
     best_name = min(val_times, key=lambda n: val_times[n]["median_s"])
     best_system = best_name.removesuffix(" (stream)")
     mode = "stream" if best_name.endswith(" (stream)") else "per-batch"
