@@ -558,7 +558,7 @@ def _execute_static(nodes, x, router, state, packing) -> tuple[torch.Tensor, Exe
                 pending[target].append(_compact_static(part, live & (route == r), n, payload))
         if exiting is not None and logits is None:
             if not node.successors:
-                raise ValueError(f"node {i} ({node.name}): rows exit here but the router gave no logits")
+                raise _no_logits(i, node)
             exiting = None  # the router gives no logits here: no row may exit (a route 0 would be lost)
         if exiting is not None:
             if logits_out is None:  # NaN until written: a row a bad router lost is never a plausible answer

@@ -184,7 +184,7 @@ class Server:
                         continue
                     deadline = self._scheduler.deadline()
                     if self._pending:  # (not admitted yet: their wait counts all the same)
-                        oldest = self._pending[0].since + self.max_wait_ms / 1e3
+                        oldest = self._pending_deadline()
                         deadline = oldest if deadline is None else min(deadline, oldest)
                     timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + _SLACK_S
                     # a request wakes us when its rows would fill the first node's batch; with nothing
@@ -203,9 +203,12 @@ class Server:
         batch's requests at once, not the first of them alone (what wakes an idle worker)."""
         if not self._pending:
             return False
-        first = self._pending[0]
-        return (self._closed or self._pending_rows >= self._rows_to_fill() or not first.n
-                or time.monotonic() >= first.since + self.max_wait_ms / 1e3)
+        return (self._closed or self._pending_rows >= self._rows_to_fill() or not self._pending[0].n
+                or time.monotonic() >= self._pending_deadline())
+
+    def _pending_deadline(self) -> float:
+        """When the oldest waiting request's wait is over (lock held; some request waits)."""
+        return self._pending[0].since + self.max_wait_ms / 1e3
 
     def _admit(self) -> bool | None:
         """Admit the pending requests that fit, all at once (called with the lock held); whether any

@@ -33,6 +33,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adaexit
+from adaexit.apps.llm.job import token_agreement
 from adaexit.decoding.costs import ideal_speedup, step_costs
 
 from . import apply_threads, comma_list, common_arguments, finish, format_table, interleaved_times, machine, median
@@ -107,19 +108,13 @@ def run_bench(args, device: torch.device | str = "cpu") -> dict:
             if name != "hf_generate":
                 info = infos[name]
                 row.update(exact=bool(torch.equal(outs[name], ref)), layers_per_token=info.mean_layers_per_token,
-                           agree_full=agreement(outs[name], outs["full"], args.prompt_len))
+                           agree_full=token_agreement(outs[name], outs["full"], args.prompt_len, never))
                 if name != "early_exit_recompute":  # its blocks cost less per position than layers/token says
                     row["ideal"] = ideal_speedup(name, info, model, costs, k, args.num_draft) if name != "full" else 1.0
                     row["measured_over_ideal_vs_full"] = (median(times["full"]) / t) / row["ideal"]
             rows.append(row)
     return {"rows": rows, "machine": machine(), "device": str(device), "layers": layers, "draft_layer": k, "num_draft": args.num_draft,
             "new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
-
-
-def agreement(out: torch.Tensor, ref: torch.Tensor, prompt_len: int) -> float:
-    """Fraction of generated positions where ``out`` has ``ref``'s token (no EOS here: every row runs the
-    whole budget)."""
-    return float((out[:, prompt_len:] == ref[:, prompt_len:]).float().mean())
 
 
 def format_report(report: dict) -> str:
@@ -153,7 +148,7 @@ def run_smollm2(args) -> dict:
     those positions. Decoding the other descriptions: ``full`` vs ``early_exit`` with ``fill="propagate"`` and
     ``fill="recompute"``: token agreement with ``full``, layers per token, tokens/s (interleaved medians)."""
     from adaexit.apps.llm.exits import continuations, exit_tokens, train_gate
-    from adaexit.apps.llm.job import default_cache, token_agreement
+    from adaexit.apps.llm.job import default_cache
     from adaexit.apps.llm.smollm2 import chat_prompts, load_smollm2
 
     lm, tokenizer = load_smollm2(default_cache())
